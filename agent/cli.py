@@ -1,0 +1,109 @@
+"""``pantau-agent``: run, once, signals, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from agent import __version__
+from agent.config import AgentConfig, ConfigError, load
+
+DEFAULT_ROOM: dict[str, Any] = {
+    "devices": [
+        {"vid": "046d", "pid": "085e", "serial": "SIM-BRIO-0001", "kind": "camera", "vendor": "Logitech",
+         "product": "Logitech BRIO", "port": "1-2", "speed": "super", "max_speed": "super", "firmware": "3.17",
+         "in_use": False, "users": [], "meeting": False},
+        {"vid": "0b0e", "pid": "2456", "serial": "SIM-SPK-0001", "kind": "speakerphone", "vendor": "Jabra",
+         "product": "Jabra SPEAK 810", "port": "1-3", "speed": "full", "max_speed": "full", "firmware": "1.08",
+         "in_use": False, "users": [], "meeting": False},
+    ]
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pantau-agent", description="Watch lent USB video-conference devices and "
+                                "report their health, events and errors over MQTT.")
+    p.add_argument("--version", action="version", version=f"pantau-agent {__version__}")
+    p.add_argument("--config", help="TOML configuration file (default: $PANTAU_CONFIG)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.add_parser("run", help="observe and report until stopped (SIGTERM/Ctrl-C stops cleanly)")
+    sub.add_parser("once", help="print the current snapshot (devices, usage, host) as JSON")
+    s = sub.add_parser("signals", help="print what the agent makes of a kernel log, one JSON object a line")
+    s.add_argument("--kernel-log", required=True, metavar="FILE", help="kernel log (dmesg, journal or /dev/kmsg)")
+    sim = sub.add_parser("simulate", help="run against a simulated room (a JSON bus file, created if missing)")
+    sim.add_argument("--bus", default=None, help="bus file (default: $PANTAU_SIMULATED_BUS or ./var/sim/room.json)")
+    return p
+
+
+def _run(cfg: AgentConfig) -> int:
+    from agent.runner import Agent
+
+    try:
+        agent = Agent(cfg)
+    except OSError as exc:
+        print(f"pantau-agent: cannot use state directory {cfg.state_dir}: {exc.strerror}", file=sys.stderr)
+        return 2
+
+    def stop(signum: int, frame: object) -> None:
+        agent.stop_event.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    agent.run()
+    return 0
+
+
+def _signals(path: str) -> int:
+    from agent.signals.kmsg import parse_lines
+
+    try:
+        fh = open(path, encoding="utf-8", errors="replace")
+    except OSError as exc:
+        print(f"pantau-agent signals: cannot read {path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    with fh:
+        for sig in parse_lines(fh):
+            sys.stdout.write(json.dumps(sig.as_json()) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.cmd is None:
+        _parser().print_help()
+        return 2
+    if args.cmd == "signals":
+        return _signals(args.kernel_log)
+    overrides: dict[str, Any] = {}
+    if args.cmd == "simulate":
+        bus = args.bus or os.environ.get("PANTAU_SIMULATED_BUS") or os.path.join("var", "sim", "room.json")
+        if not os.path.exists(bus):
+            os.makedirs(os.path.dirname(os.path.abspath(bus)), exist_ok=True)
+            with open(bus, "w", encoding="utf-8") as fh:
+                json.dump(DEFAULT_ROOM, fh, indent=2)
+        overrides = {"usb_backend": "simulated", "simulated_bus": bus}
+        if not os.environ.get("PANTAU_STATE_DIR"):
+            overrides["state_dir"] = os.path.join("var", "agent")
+    try:
+        cfg = load(args.config, **overrides)
+    except ConfigError as exc:
+        print(f"pantau-agent: {exc}", file=sys.stderr)
+        return 2
+    if args.cmd == "once":
+        from agent.runner import snapshot
+
+        print(json.dumps(snapshot(cfg), indent=2))
+        return 0
+    return _run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

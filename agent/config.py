@@ -1,0 +1,180 @@
+"""Agent configuration: a flat TOML file, every key overridable by ``PANTAU_<KEY>``.
+
+Validated on start; a bad value stops the agent with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from agent.protocol import DEFAULT_PREFIX, check_prefix, valid_agent_id
+from agent.usage import DEFAULT_MEETING_PROCESSES
+
+
+class ConfigError(ValueError):
+    """One clear line: which key, what is wrong."""
+
+
+@dataclass(frozen=True)
+class Broker:
+    scheme: str
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "mqtts"
+
+
+def parse_broker(url: str, key: str = "broker") -> Broker:
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError as exc:
+        raise ConfigError(f"config: {key}: {url!r} is not a broker URL ({exc})") from None
+    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+        raise ConfigError(f"config: {key}: {url!r} must look like mqtt://host:1883 or mqtts://host:8883")
+    return Broker(u.scheme, u.hostname, port or (8883 if u.scheme == "mqtts" else 1883),
+                  unquote(u.username) if u.username else None, unquote(u.password) if u.password else None)
+
+
+def _default_id() -> str:
+    name = socket.gethostname().lower()
+    cleaned = "".join(c if c in "abcdefghijklmnopqrstuvwxyz0123456789-_." else "-" for c in name)[:64]
+    return cleaned or "agent"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    agent_id: str = field(default_factory=_default_id)
+    broker: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    prefix: str = DEFAULT_PREFIX
+    usb_backend: str = "libusb"
+    simulated_bus: str | None = None
+    sysfs_root: str = "/sys"
+    state_dir: str = "/var/lib/pantau-agent"
+    poll_s: float = 2.0
+    telemetry_s: float = 30.0
+    kernel_log: str | None = None
+    watch_kinds: tuple[str, ...] = ("camera", "speaker", "speakerphone", "microphone")
+    watch_vidpid: tuple[str, ...] = ()
+    meeting_processes: tuple[str, ...] = DEFAULT_MEETING_PROCESSES
+    labels: dict[str, str] = field(default_factory=dict)
+    spool_max_events: int = 100_000
+    spool_max_bytes: int = 100 * 1024 * 1024
+    inflight_max: int = 1000
+    recover_quiet_s: float = 600.0
+
+    @property
+    def broker_url(self) -> Broker:
+        return parse_broker(self.broker)
+
+    def watches(self, dev: dict[str, Any]) -> bool:
+        if self.watch_vidpid:
+            return f"{dev['vid']}:{dev['pid']}" in self.watch_vidpid
+        return dev.get("kind") in self.watch_kinds
+
+
+_FLOATS = {"poll_s", "telemetry_s", "recover_quiet_s"}
+_INTS = {"spool_max_events", "spool_max_bytes", "inflight_max"}
+_LISTS = {"watch_kinds", "watch_vidpid", "meeting_processes"}
+
+
+def _coerce(name: str, value: Any, from_env: bool) -> Any:
+    try:
+        if name in _FLOATS:
+            v = float(value)
+            if not v > 0:
+                raise ValueError("must be > 0")
+            return v
+        if name in _INTS:
+            if isinstance(value, bool):
+                raise ValueError("must be an integer")
+            v2 = int(value)
+            if v2 < 1:
+                raise ValueError("must be >= 1")
+            return v2
+        if name in _LISTS:
+            items = [s.strip() for s in value.split(",")] if isinstance(value, str) else list(value)
+            if not all(isinstance(s, str) for s in items):
+                raise ValueError("must be a list of strings")
+            return tuple(s for s in items if s)
+        if name == "labels":
+            if isinstance(value, str):
+                pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+                if any(len(p) != 2 for p in pairs):
+                    raise ValueError("must look like unit=setjen,room=ruang-1")
+                return {k.strip(): v.strip() for k, v in pairs}
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise ValueError("must be a table of strings")
+            return dict(value)
+        if not isinstance(value, str):
+            raise ValueError("must be a string")
+        return value
+    except (TypeError, ValueError) as exc:
+        src = f"PANTAU_{name.upper()}" if from_env else name
+        raise ConfigError(f"config: {src}: {value!r} {exc}") from None
+
+
+def load(path: str | None = None, env: dict[str, str] | None = None, **overrides: Any) -> AgentConfig:
+    env = dict(os.environ if env is None else env)
+    names = {f.name for f in fields(AgentConfig)}
+    values: dict[str, Any] = {}
+    path = path or env.get("PANTAU_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+        for k, v in data.items():
+            if k not in names:
+                raise ConfigError(f"config: {k}: unknown key (known: {', '.join(sorted(names))})")
+            values[k] = _coerce(k, v, False)
+    for name in names:
+        ev = env.get(f"PANTAU_{name.upper()}")
+        if ev is not None and ev != "":
+            values[name] = _coerce(name, ev, True)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = AgentConfig(**values)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: AgentConfig) -> None:
+    if not valid_agent_id(cfg.agent_id):
+        raise ConfigError(f"config: agent_id: {cfg.agent_id!r} must be 1-64 characters of a-z 0-9 - _ .")
+    parse_broker(cfg.broker)
+    if cfg.usb_backend not in ("libusb", "simulated"):
+        raise ConfigError(f"config: usb_backend: {cfg.usb_backend!r} must be libusb or simulated")
+    if cfg.usb_backend == "simulated" and not cfg.simulated_bus:
+        raise ConfigError("config: simulated_bus: a path is needed when usb_backend is simulated")
+    try:
+        check_prefix(cfg.prefix)
+    except ValueError as exc:
+        raise ConfigError(f"config: prefix: {exc}") from None
+    bad = [k for k in cfg.watch_kinds if k not in ("camera", "speaker", "speakerphone", "microphone", "other")]
+    if bad:
+        raise ConfigError(f"config: watch_kinds: unknown kind {bad[0]!r}")
+    for vp in cfg.watch_vidpid:
+        parts = vp.split(":")
+        if len(parts) != 2 or not all(len(p) == 4 and all(c in "0123456789abcdef" for c in p) for p in parts):
+            raise ConfigError(f"config: watch_vidpid: {vp!r} must look like 046d:0843 (lower-case hex)")
+    for name in ("ca_file", "cert_file", "key_file"):
+        p = getattr(cfg, name)
+        if p and not os.path.isfile(p):
+            raise ConfigError(f"config: {name}: {p} does not exist")

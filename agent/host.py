@@ -1,0 +1,39 @@
+"""Host gauges for telemetry (psutil)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psutil
+
+from agent.protocol import format_ts
+
+
+def host_boot_ts() -> str:
+    from datetime import UTC, datetime
+
+    return format_ts(datetime.fromtimestamp(psutil.boot_time(), UTC))
+
+
+def _temperature() -> float | None:
+    try:
+        temps = psutil.sensors_temperatures()  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return None
+    values = [t.current for entries in temps.values() for t in entries if t.current]
+    return round(max(values), 1) if values else None
+
+
+def gauges(disk_path: str = "/") -> dict[str, Any]:
+    try:
+        disk = psutil.disk_usage(disk_path).percent
+    except OSError:
+        disk = None
+    return {
+        "cpu_pct": psutil.cpu_percent(interval=None),
+        "mem_pct": psutil.virtual_memory().percent,
+        "disk_pct": disk,
+        "uptime_s": int(time.time() - psutil.boot_time()),
+        "temp_c": _temperature(),
+    }

@@ -1,0 +1,180 @@
+"""What is attached, through pyusb: identity, port, speed and kind of each device.
+
+String reads fail often (no permission, no libusb driver on Windows, umockdev): they are
+tolerated, with sysfs as a fallback on Linux, and the key falls back to ``vid:pid@port``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import usb.core
+import usb.util
+
+from agent.protocol import device_key
+
+log = logging.getLogger(__name__)
+
+SPEED_NAMES = {0: "unknown", 1: "low", 2: "full", 3: "high", 4: "super", 5: "super_plus"}
+SYSFS_SPEED = {"1.5": "low", "12": "full", "480": "high", "5000": "super", "10000": "super_plus",
+               "20000": "super_plus"}
+
+
+def libusb_backend() -> Any:
+    """libusb from libusb-package, falling back to the system's."""
+    try:
+        import libusb_package
+
+        backend = libusb_package.get_libusb1_backend()
+        if backend is not None:
+            return backend
+    except Exception as exc:  # the package is optional
+        log.debug("libusb-package unavailable: %s", exc)
+    import usb.backend.libusb1
+
+    return usb.backend.libusb1.get_backend()
+
+
+def max_speed_from_bcd(bcd_usb: int | None) -> str | None:
+    if not bcd_usb:
+        return None
+    if bcd_usb >= 0x0320:
+        return "super_plus"
+    if bcd_usb >= 0x0300:
+        return "super"
+    if bcd_usb >= 0x0200:
+        return "high"
+    return "full"
+
+
+def kind_from_interfaces(alts: list[tuple[int, int, list[int]]]) -> str:
+    """camera / speakerphone / speaker / microphone / other from (class, subclass, endpoint addresses).
+
+    Video class 0x0E makes a camera even with audio. Audio streaming (class 0x01,
+    subclass 2) endpoints OUT mean playback, IN mean capture.
+    """
+    if any(cls == 0x0E for cls, _, _ in alts):
+        return "camera"
+    play = cap = False
+    for cls, sub, eps in alts:
+        if cls == 0x01 and sub == 2:
+            for ep in eps:
+                if ep & 0x80:
+                    cap = True
+                else:
+                    play = True
+    if play and cap:
+        return "speakerphone"
+    if play:
+        return "speaker"
+    if cap:
+        return "microphone"
+    return "other"
+
+
+def port_path(bus: int | None, ports: tuple[int, ...] | None) -> str | None:
+    if bus is None or not ports:
+        return None
+    return f"{bus}-{'.'.join(str(p) for p in ports)}"
+
+
+def _string(dev: Any, index: int, failures: list[int]) -> str | None:
+    if not index:
+        return None
+    try:
+        s = usb.util.get_string(dev, index)
+    except usb.core.USBError as exc:
+        failures.append(-(exc.errno or 0))
+        return None
+    except (ValueError, NotImplementedError, OSError):
+        return None
+    return s.strip() if isinstance(s, str) and s.strip() else None
+
+
+def _sysfs(sysfs_root: str, port: str, attr: str) -> str | None:
+    try:
+        with open(os.path.join(sysfs_root, "bus/usb/devices", port, attr), encoding="utf-8", errors="replace") as fh:
+            v = fh.read().strip()
+            return v or None
+    except OSError:
+        return None
+
+
+def describe(dev: Any, sysfs_root: str = "/sys", failures: list[int] | None = None) -> dict[str, Any] | None:
+    """One pyusb device -> the protocol's device object (None for hubs)."""
+    if dev.bDeviceClass == 0x09:
+        return None
+    alts: list[tuple[int, int, list[int]]] = []
+    try:
+        for cfg in dev:
+            for intf in cfg:
+                if intf.bInterfaceClass == 0x09:
+                    return None
+                alts.append((intf.bInterfaceClass, intf.bInterfaceSubClass, [ep.bEndpointAddress for ep in intf]))
+    except (usb.core.USBError, NotImplementedError) as exc:
+        log.debug("cannot read configuration of %04x:%04x: %s", dev.idVendor, dev.idProduct, exc)
+    ports = tuple(dev.port_numbers) if dev.port_numbers else None
+    port = port_path(dev.bus, ports) or f"{dev.bus}-0.{dev.address}"
+    vid, pid = f"{dev.idVendor:04x}", f"{dev.idProduct:04x}"
+    fails = failures if failures is not None else []
+    serial = _string(dev, dev.iSerialNumber, fails) or _sysfs(sysfs_root, port, "serial")
+    vendor = _string(dev, dev.iManufacturer, fails) or _sysfs(sysfs_root, port, "manufacturer")
+    product = _string(dev, dev.iProduct, fails) or _sysfs(sysfs_root, port, "product")
+    speed = SPEED_NAMES.get(dev.speed or 0, "unknown")
+    if speed == "unknown":
+        speed = SYSFS_SPEED.get(_sysfs(sysfs_root, port, "speed") or "", "unknown")
+    bcd = dev.bcdDevice or 0
+    return {
+        "key": device_key(vid, pid, serial, port),
+        "vid": vid,
+        "pid": pid,
+        "serial": serial,
+        "kind": kind_from_interfaces(alts),
+        "vendor": vendor,
+        "product": product,
+        "port": port,
+        "speed": speed,
+        "max_speed": max_speed_from_bcd(dev.bcdUSB),
+        "firmware": f"{bcd >> 8:x}.{bcd & 0xFF:02x}",
+    }
+
+
+class Prober:
+    """Probes a bus repeatedly; remembers identities so a device that stops answering
+    string requests keeps its key, and reports which ports failed and how (negative errno)."""
+
+    def __init__(self, backend: Any, sysfs_root: str = "/sys") -> None:
+        self.backend = backend
+        self.sysfs_root = sysfs_root
+        self._known: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.failures: dict[str, int] = {}
+
+    def probe(self) -> list[dict[str, Any]]:
+        out = []
+        self.failures = {}
+        for dev in usb.core.find(find_all=True, backend=self.backend) or []:
+            fails: list[int] = []
+            try:
+                d = describe(dev, self.sysfs_root, fails)
+            except usb.core.USBError as exc:
+                log.debug("device vanished while probing: %s", exc)
+                continue
+            if d is None:
+                continue
+            ident = (d["port"], d["vid"], d["pid"])
+            known = self._known.get(ident)
+            if fails:
+                self.failures[d["port"]] = fails[0]
+                if known is not None:  # keep the identity read when it still answered
+                    d = {**d, **{k: known[k] for k in ("key", "serial", "vendor", "product")}}
+            elif d["serial"] or known is None:
+                self._known[ident] = d
+            out.append(d)
+        return out
+
+
+def probe(backend: Any, sysfs_root: str = "/sys") -> list[dict[str, Any]]:
+    """Every non-hub device on the bus, described (one-shot)."""
+    return Prober(backend, sysfs_root).probe()

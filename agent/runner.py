@@ -1,0 +1,202 @@
+"""The agent loop: probe, watch, spool, publish. Observes and reports; never judges."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import secrets
+import socket
+import threading
+import time
+from typing import Any
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.host import gauges, host_boot_ts
+from agent.power import SuspendDetector
+from agent.probe.usb import Prober, libusb_backend
+from agent.protocol import encode, envelope, topic_for
+from agent.publish import Session
+from agent.signals.kmsg import parse_lines
+from agent.signals.tail import KernelLogTail
+from agent.spool import Outbox
+from agent.usage import device_nodes, holders, meeting_running
+from agent.watch import Tick, Usage, Watcher
+
+log = logging.getLogger(__name__)
+
+
+def make_prober(cfg: AgentConfig) -> Prober:
+    if cfg.usb_backend == "simulated":
+        from agent.probe.simulated import BusFile, SimulatedBackend
+
+        assert cfg.simulated_bus
+        return Prober(SimulatedBackend(BusFile(cfg.simulated_bus)), cfg.sysfs_root)
+    return Prober(libusb_backend(), cfg.sysfs_root)
+
+
+class Observer:
+    """One look at the room: devices, who uses them, meeting, self-reported errors."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.prober = make_prober(cfg)
+        self.nodes: dict[str, list[str]] = {}
+
+    def _sim_entries(self) -> dict[str, dict[str, Any]]:
+        bus = getattr(self.prober.backend, "bus", None)
+        return {d["port"]: d for d in bus.devices} if bus is not None else {}
+
+    def look(self) -> Tick:
+        devices = [d for d in self.prober.probe() if self.cfg.watches(d)]
+        sim = self._sim_entries()
+        usage: dict[str, Usage] = {}
+        device_errors: dict[str, list[dict[str, Any]]] = {}
+        # keep the previous nodes too: after an unplug the links read "... (deleted)"
+        nodes = {d["key"]: self._nodes_for(d, sim.get(d["port"])) for d in devices}
+        wanted = {n for ns in list(nodes.values()) + list(self.nodes.values()) for n in ns}
+        held = holders(wanted) if wanted else {}
+        for key, ns in {**self.nodes, **nodes}.items():
+            users = sorted({u for n in ns for u in held.get(n, []) + held.get(os.path.realpath(n), [])})
+            usage[key] = Usage(bool(users), users)
+        meeting = False
+        for d in devices:
+            e = sim.get(d["port"])
+            if e is not None:
+                if not e.get("nodes"):
+                    usage[d["key"]] = Usage(bool(e.get("in_use")), list(e.get("users") or []))
+                meeting = meeting or bool(e.get("meeting"))
+                if e.get("errors"):
+                    device_errors[d["key"]] = list(e["errors"])
+        if not sim:
+            meeting = meeting_running(self.cfg.meeting_processes)
+        self.nodes = nodes
+        return Tick(devices=devices, usage=usage, meeting=meeting, probe_failures=dict(self.prober.failures),
+                    device_errors=device_errors, now=time.monotonic())
+
+    def _nodes_for(self, dev: dict[str, Any], sim_entry: dict[str, Any] | None) -> list[str]:
+        if sim_entry is not None:
+            return [str(n) for n in sim_entry.get("nodes") or []]
+        return device_nodes(dev["port"], self.cfg.sysfs_root)
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.boot = secrets.token_hex(8)
+        self._seq = 0
+        self._seq_lock = threading.Lock()
+        self.outbox = Outbox(os.path.join(cfg.state_dir, "outbox.sqlite"), cfg.spool_max_events,
+                             cfg.spool_max_bytes)
+        self.observer = Observer(cfg)
+        self.watcher = Watcher(cfg.recover_quiet_s)
+        self.kernel = KernelLogTail(cfg.kernel_log) if cfg.kernel_log else None
+        self.suspend = SuspendDetector(threshold_s=max(5.0, cfg.poll_s * 2))
+        self.session = Session(cfg, self.boot, self.outbox, self._on_connected)
+        self.stop_event = threading.Event()
+
+    def _next_seq(self) -> int:
+        with self._seq_lock:
+            self._seq += 1
+            return self._seq
+
+    def _topic(self, channel: str) -> str:
+        return topic_for(self.cfg.agent_id, channel, self.cfg.prefix)
+
+    def _spool(self, channel: str, kind: str, retain: bool = False, **body: Any) -> None:
+        with self._seq_lock:  # seq order == outbox order
+            self._seq += 1
+            msg = envelope(self.cfg.agent_id, self.boot, self._seq, kind, **body)
+            self.outbox.put(self._topic(channel), encode(msg), qos=1, retain=retain)
+
+    def emit(self, ev: dict[str, Any]) -> None:
+        body = dict(ev)
+        etype = body.pop("type")
+        self._spool("events", "event", type=etype, **body)
+        log.info("event %s %s", etype, (ev.get("device") or {}).get("key", ""))
+
+    def _inventory(self) -> None:
+        self._spool("inventory", "inventory", retain=True, devices=list(self.watcher.current.values()))
+
+    def _on_connected(self) -> None:
+        self._spool("state", "state", retain=True, state="online", version=__version__,
+                    platform=platform.system().lower(), hostname=socket.gethostname(), labels=self.cfg.labels,
+                    interval_s=self.cfg.telemetry_s, spool_dropped=self.outbox.dropped_total)
+        self._inventory()
+
+    def telemetry(self) -> None:
+        """QoS 0, not spooled; only while connected, so no seq is spent on a message nobody gets."""
+        if not self.session.connected.is_set():
+            return
+        msg = envelope(self.cfg.agent_id, self.boot, self._next_seq(), "telemetry", host=gauges(),
+                       devices=self.watcher.telemetry_devices(),
+                       spool={"depth": self.outbox.depth, "dropped_total": self.outbox.dropped_total})
+        self.session.publish_now(self._topic("telemetry"), encode(msg), qos=0)
+
+    def tick(self) -> None:
+        slept = self.suspend.tick()
+        t = self.observer.look()
+        if self.kernel is not None:
+            t.signals = list(parse_lines(self.kernel.read()))
+        if slept is not None:
+            self.emit({"type": "host.suspending", "context": {"slept_s": round(slept, 1)}})
+        events, inv_changed = self.watcher.step(t)
+        for ev in events:
+            self.emit(ev)
+        if slept is not None:
+            self.emit({"type": "host.resumed", "context": {"slept_s": round(slept, 1)}})
+        if inv_changed and self.session.connected.is_set():
+            self._inventory()
+        elif inv_changed:
+            self._inventory_dirty = True
+
+    def run(self) -> None:
+        first = self.observer.look()
+        self.watcher.start(first.devices, first.usage)
+        self.emit({"type": "agent.started", "context": {"host_boot": host_boot_ts(), "version": __version__}})
+        self._inventory_dirty = False
+        self.session.start()
+        next_tel = time.monotonic() + 1.0
+        was_connected = False
+        while not self.stop_event.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("tick failed; going on")
+            connected = self.session.connected.is_set()
+            if connected and not was_connected:
+                self._inventory_dirty = False  # _on_connected sent a fresh one
+            elif connected and self._inventory_dirty:
+                self._inventory()
+                self._inventory_dirty = False
+            was_connected = connected
+            if time.monotonic() >= next_tel:
+                self.telemetry()
+                next_tel = time.monotonic() + self.cfg.telemetry_s
+            self.stop_event.wait(self.cfg.poll_s)
+        self.shutdown()
+
+    def shutdown(self, flush_s: float = 4.0) -> None:
+        self.emit({"type": "agent.stopping", "context": {}})
+        self._spool("state", "state", retain=True, state="offline", reason="shutdown")
+        flushed = self.session.drain(flush_s)
+        if not flushed:
+            log.warning("stopping with %d messages still in the outbox; they go out at next start",
+                        self.outbox.depth)
+        self.session.stop()
+        self.outbox.close()
+
+
+def snapshot(cfg: AgentConfig) -> dict[str, Any]:
+    """What ``pantau-agent once`` prints."""
+    t = Observer(cfg).look()
+    gauges()  # the first cpu_percent() call primes the counter
+    time.sleep(0.1)
+    return {
+        "agent": cfg.agent_id,
+        "devices": [{**d, "in_use": t.usage.get(d["key"], Usage()).in_use,
+                     "users": t.usage.get(d["key"], Usage()).users} for d in t.devices],
+        "meeting": t.meeting,
+        "host": gauges(),
+    }

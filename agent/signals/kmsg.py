@@ -1,0 +1,128 @@
+"""Linux kernel log lines -> protocol error codes, attributed to a USB port.
+
+Accepts ``/dev/kmsg`` records (``6,1234,5678,-;usb 1-2: ...``), ``dmesg`` output
+(``[ 12.345] usb 1-2: ...``) and journal lines (``... kernel: usb 1-2: ...``). Continuation
+lines of ``/dev/kmsg`` (starting with a space) carry no message and are ignored.
+Besides error codes it reports ``usb.disconnect`` and ``usb.new_device``, which the watcher
+uses to correlate, and which ``pantau-agent signals`` prints.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+# A USB device name in the kernel: "1-2", "1-2.3.1"; root hubs are "usb1".
+_DEV = r"(?P<port>\d+-\d+(?:\.\d+)*)"
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    line_no: int
+    port: str | None
+    code: str
+    errno: int | None
+    message: str
+
+    def as_json(self) -> dict[str, object]:
+        return {"line_no": self.line_no, "port": self.port, "code": self.code, "errno": self.errno}
+
+
+def _hubport(m: re.Match[str]) -> str:
+    """``usb2-port4`` -> ``2-4``; ``1-2-port3`` -> ``1-2.3``."""
+    hub, port = m.group("hub"), m.group("hport")
+    if hub.startswith("usb"):
+        return f"{hub[3:]}-{port}"
+    return f"{hub}.{port}"
+
+
+_HUBPORT = r"usb (?P<hub>usb\d+|\d+-\d+(?:\.\d+)*)-port(?P<hport>\d+)"
+
+# (pattern, code, errno group or fixed errno). Order matters: first match wins.
+_RULES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(rf"usb {_DEV}: USB disconnect, device number \d+"), "usb.disconnect"),
+    (re.compile(rf"usb {_DEV}: new (?:[\w ]+?)(?:-speed)? USB device number \d+"), "usb.new_device"),
+    (re.compile(rf"usb {_DEV}: reset [\w ]*?(?:-speed)? ?USB device number \d+"), "usb.reset"),
+    (re.compile(rf"{_HUBPORT}: over-current (?:condition|change)"), "usb.over_current"),
+    (re.compile(rf"{_HUBPORT}: unable to enumerate USB device"), "usb.enumeration_failed"),
+    (re.compile(rf"{_HUBPORT}: (?:attempt power cycle|Cannot enable|connect-debounce failed)"),
+     "usb.enumeration_failed"),
+    (re.compile(rf"{_HUBPORT}: disabled by hub \(EMI\?\)"), "usb.protocol_error"),
+    (re.compile(rf"usb {_DEV}: device descriptor read/\w+, error (?P<errno>-\d+)"), "usb.enumeration_failed"),
+    (re.compile(rf"usb {_DEV}: device not accepting address \d+, error (?P<errno>-\d+)"), "usb.enumeration_failed"),
+    (re.compile(rf"usb {_DEV}: (?:Device not responding to setup address|"
+                rf"Cannot enable\. Maybe the USB cable is bad\?|unable to read config index \d+ descriptor/\w+"
+                rf"|can't read configurations, error (?P<errno>-\d+))"), "usb.enumeration_failed"),
+    (re.compile(rf"uvcvideo {_DEV}:[\d.]+: Failed to (?:query|set) .*?control.*?: (?P<errno>-\d+)"),
+     "video.control_error"),
+    (re.compile(r"uvcvideo: Failed to (?:query|set) .*?control.*?: (?P<errno>-\d+)"), "video.control_error"),
+    (re.compile(rf"uvcvideo {_DEV}:[\d.]+: Non-zero status \((?P<errno>-(?:71|84|75))\) in"), "usb.protocol_error"),
+    (re.compile(r"uvcvideo: Non-zero status \((?P<errno>-(?:71|84|75))\) in"), "usb.protocol_error"),
+    (re.compile(rf"uvcvideo {_DEV}:[\d.]+: (?:Non-zero status \((?P<errno>-\d+)\) in|Failed to (?:resubmit|submit) "
+                r"(?:video )?URB|Failed to initialize the device|Failed to start|Failed to set up)"),
+     "video.stream_error"),
+    (re.compile(r"uvcvideo: (?:Non-zero status \((?P<errno>-\d+)\) in|Failed to (?:resubmit|submit) (?:video )?URB"
+                r"|Failed to initialize the device(?: \((?P<errno2>-\d+)\))?)"), "video.stream_error"),
+    (re.compile(rf"usb {_DEV}: [\d:]+ ?usb_set_interface failed \((?P<errno>-\d+)\)"), "audio.stream_error"),
+    (re.compile(rf"usb {_DEV}: (?:\d+:\d+: )?cannot submit urb(?:.*?(?:err(?:or)?\s*=?\s*)(?P<errno>-\d+))?"),
+     "audio.stream_error"),
+    (re.compile(rf"usb {_DEV}: (?:\d+:\d+: )?cannot (?:get|set) (?:freq|min/max|ctl value).*?(?P<errno>-\d+)?"),
+     "audio.stream_error"),
+    (re.compile(rf"usb {_DEV}: .*?(?:timeout|timed out).*?(?P<errno>-110)"), "usb.timeout"),
+    (re.compile(rf"usb {_DEV}: can't set config #\d+, error (?P<errno>-\d+)"), "usb.timeout"),
+    (re.compile(rf"usb {_DEV}: .*?(?:error|status) (?P<errno>-(?:71|84|75))\b"), "usb.protocol_error"),
+]
+
+_PREFIXES = [
+    re.compile(r"^\s*<\d+>"),  # syslog priority
+    re.compile(r"^\d+,\d+,\d+,[^;]*;"),  # /dev/kmsg record header
+    re.compile(r"^\[\s*\d+\.\d+\]\s*"),  # dmesg
+    re.compile(r"^.*?\bkernel: (?:\[\s*\d+\.\d+\]\s*)?"),  # journal / syslog
+]
+
+
+def message_of(line: str) -> str | None:
+    """The kernel message of a log line; None for a /dev/kmsg continuation line."""
+    if line.startswith((" ", "\t")) and "=" in line and ":" not in line.split("=", 1)[0]:
+        return None
+    text = line.rstrip("\r\n")
+    for rx in _PREFIXES:
+        text = rx.sub("", text, count=1)
+    return text
+
+
+def _timeout_code(code: str, errno: int | None) -> str:
+    """-110 on an attached device's transfer is the device not answering."""
+    if errno == -110 and code in ("video.control_error", "video.stream_error", "audio.stream_error"):
+        return code  # the subsystem's own code is more precise; errno keeps the timeout
+    return code
+
+
+def parse_line(line: str, line_no: int = 0) -> Signal | None:
+    msg = message_of(line)
+    if not msg:
+        return None
+    for rx, code in _RULES:
+        m = rx.search(msg)
+        if not m:
+            continue
+        gd = m.groupdict()
+        if gd.get("hub") is not None:
+            port: str | None = _hubport(m)
+        else:
+            port = gd.get("port")
+        raw_errno = gd.get("errno") or gd.get("errno2")
+        errno = int(raw_errno) if raw_errno else None
+        if code == "usb.enumeration_failed" and errno is None:
+            m2 = re.search(r"error (-\d+)", msg)
+            errno = int(m2.group(1)) if m2 else None
+        return Signal(line_no, port, _timeout_code(code, errno), errno, msg[:512])
+    return None
+
+
+def parse_lines(lines: Iterable[str], start: int = 1) -> Iterator[Signal]:
+    for n, line in enumerate(lines, start):
+        sig = parse_line(line, n)
+        if sig is not None:
+            yield sig

@@ -1,0 +1,1 @@
+"""Pantau collector: ingest, store, classify, serve."""
