@@ -63,13 +63,12 @@ def _signals(path: str) -> int:
     from agent.signals.kmsg import parse_lines
 
     try:
-        fh = open(path, encoding="utf-8", errors="replace")
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for sig in parse_lines(fh):
+                sys.stdout.write(json.dumps(sig.as_json()) + "\n")
     except OSError as exc:
         print(f"pantau-agent signals: cannot read {path}: {exc.strerror}", file=sys.stderr)
         return 2
-    with fh:
-        for sig in parse_lines(fh):
-            sys.stdout.write(json.dumps(sig.as_json()) + "\n")
     return 0
 
 

@@ -61,6 +61,7 @@ class AgentConfig:
     cert_file: str | None = None
     key_file: str | None = None
     prefix: str = DEFAULT_PREFIX
+    mqtt_version: str = "auto"  # auto (5, falling back to 3.1.1) | 5 | 3.1.1
     usb_backend: str = "libusb"
     simulated_bus: str | None = None
     sysfs_root: str = "/sys"
@@ -159,6 +160,8 @@ def _validate(cfg: AgentConfig) -> None:
     if not valid_agent_id(cfg.agent_id):
         raise ConfigError(f"config: agent_id: {cfg.agent_id!r} must be 1-64 characters of a-z 0-9 - _ .")
     parse_broker(cfg.broker)
+    if cfg.mqtt_version not in ("auto", "5", "3.1.1"):
+        raise ConfigError(f"config: mqtt_version: {cfg.mqtt_version!r} must be auto, 5 or 3.1.1")
     if cfg.usb_backend not in ("libusb", "simulated"):
         raise ConfigError(f"config: usb_backend: {cfg.usb_backend!r} must be libusb or simulated")
     if cfg.usb_backend == "simulated" and not cfg.simulated_bus:

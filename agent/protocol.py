@@ -248,7 +248,8 @@ def _require(p: dict[str, Any], name: str, types: type | tuple[type, ...], where
 
 def _tname(types: type | tuple[type, ...]) -> str:
     ts = types if isinstance(types, tuple) else (types,)
-    names = {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+    names = {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number",
+             bool: "a boolean"}
     return " or ".join(names.get(t, t.__name__) for t in ts)
 
 

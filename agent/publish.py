@@ -28,6 +28,7 @@ from agent.spool import Outbox
 log = logging.getLogger(__name__)
 MAX_INFLIGHT = 65_000
 _UNSUPPORTED_PROTOCOL = (1, 132)
+CONNACK_TIMEOUT_S = 5.0
 
 
 def backoff_delays(cap: float = 60.0, base: float = 1.0, rng: random.Random | None = None):  # type: ignore[no-untyped-def]
@@ -51,7 +52,8 @@ class Session:
         self._published: dict[int, int] = {}
         self._cursor = 0
         self._lock = threading.Lock()
-        self._protocol = mqtt.MQTTv5
+        self._protocol = mqtt.MQTTv311 if cfg.mqtt_version == "3.1.1" else mqtt.MQTTv5
+        self._may_fall_back = cfg.mqtt_version == "auto"
         self._fallback = False
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
@@ -84,7 +86,7 @@ class Session:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         if reason_code.is_failure:
             self.last_error = f"broker refused the connection: {reason_code}"
-            if self._protocol == mqtt.MQTTv5 and reason_code.value in _UNSUPPORTED_PROTOCOL:
+            if self._may_fall_back and self._protocol == mqtt.MQTTv5 and reason_code.value in _UNSUPPORTED_PROTOCOL:
                 self._fallback = True
             log.warning("%s", self.last_error)
             return
@@ -158,15 +160,25 @@ class Session:
                 log.warning("%s", self.last_error)
                 self._stop.wait(next(delays))
                 continue
+            started = time.monotonic()
             while not self._stop.is_set():
                 rc = self.client.loop(timeout=0.05)
                 if rc != mqtt.MQTT_ERR_SUCCESS:
+                    break
+                if (not self.connected.is_set() and self._protocol == mqtt.MQTTv5 and self._may_fall_back
+                        and time.monotonic() - started > CONNACK_TIMEOUT_S):
+                    # Some 3.1.1-only brokers (amqtt) never answer an MQTT 5 CONNECT with a will.
+                    self._fallback = True
                     break
                 if self.connected.is_set():
                     delays = backoff_delays()
                     self.pump()
             self.connected.clear()
             if self._fallback:
+                try:
+                    self.client.disconnect()
+                except Exception as exc:
+                    log.debug("dropping the MQTT 5 attempt: %s", exc)
                 log.info("broker does not speak MQTT 5; falling back to 3.1.1")
                 self._protocol, self._fallback, first = mqtt.MQTTv311, False, True
                 self.client = self._make_client()

@@ -259,8 +259,14 @@ class _Facts:
         return same_port and 0 <= att.ts - d.ts <= self.w.quick_replug_s and not self.error_between(d.key, i, a)
 
 
-def evaluate(history: AgentHistory, clock: float, windows: Windows | None = None) -> list[Incident]:
-    """Every incident (not withdrawn) of one agent as the evidence stands at ``clock``."""
+def evaluate(history: AgentHistory, clock: float, windows: Windows | None = None,
+             pending: list[float] | None = None) -> list[Incident]:
+    """Every incident (not withdrawn) of one agent as the evidence stands at ``clock``.
+
+    ``pending`` receives the ends of windows still open at ``clock``: once the clock is
+    past one of them the answer may change, so the caller evaluates again then.
+    """
+    pending = pending if pending is not None else []
     w = windows or Windows()
     tl = _with_restart_detaches(history.ordered())
     rank = history.boot_rank()
@@ -272,8 +278,8 @@ def evaluate(history: AgentHistory, clock: float, windows: Windows | None = None
 
     incidents: list[Incident] = []
     incidents += _error_incidents(tl, f, w)
-    incidents += _missing_incidents(tl, f, w, unexpected, clock)
-    incidents += _unstable_incidents(tl, f, w, clock)
+    incidents += _missing_incidents(tl, f, w, unexpected, clock, pending)
+    incidents += _unstable_incidents(tl, f, w, clock, pending)
 
     for inc in incidents:
         inc.device_info = f.last_device.get(inc.device, {})
@@ -364,7 +370,7 @@ def _dropped_by_stop(f: _Facts, i: int, end: float) -> bool:
 
 
 def _missing_incidents(
-    tl: list[Evidence], f: _Facts, w: Windows, unexpected: list[int], clock: float
+    tl: list[Evidence], f: _Facts, w: Windows, unexpected: list[int], clock: float, pending: list[float]
 ) -> list[Incident]:
     out: list[Incident] = []
     current: dict[str, Incident] = {}
@@ -376,8 +382,11 @@ def _missing_incidents(
         s = f.next_seen(key, i)
         if s is not None and tl[s].ts <= end:
             continue  # came back within the window
-        if not clock > end or _dropped_by_stop(f, i, end):
-            continue  # window still pending, or dropped by a clean stop
+        if _dropped_by_stop(f, i, end):
+            continue  # a clean stop dropped the window
+        if not clock > end:
+            pending.append(end)
+            continue
         inc = _join_or_open(current.get(key), d, "device_missing", key, w, out)
         current[key] = inc
         if s is not None:
@@ -385,7 +394,9 @@ def _missing_incidents(
     return out
 
 
-def _unstable_incidents(tl: list[Evidence], f: _Facts, w: Windows, clock: float) -> list[Incident]:
+def _unstable_incidents(
+    tl: list[Evidence], f: _Facts, w: Windows, clock: float, pending: list[float]
+) -> list[Incident]:
     out: list[Incident] = []
     cycles: dict[str, list[tuple[int, int]]] = defaultdict(list)
     by_key: dict[str, list[int]] = defaultdict(list)
@@ -431,6 +442,8 @@ def _unstable_incidents(tl: list[Evidence], f: _Facts, w: Windows, clock: float)
             end = last_detach.ts + w.unstable_s
             if clock > end:
                 inc.resolve(None, end, _fmt(end))
+            else:
+                pending.append(end)
     return out
 
 

@@ -200,7 +200,7 @@ class SimulatedBackend(usb.backend.IBackend):
     def set_configuration(self, dev_handle, config_value):  # type: ignore[no-untyped-def]
         return None
 
-    def ctrl_transfer(self, dev_handle, bmRequestType, bRequest, wValue, wIndex, data, timeout):  # type: ignore[no-untyped-def]  # noqa: N803
+    def ctrl_transfer(self, dev_handle, bmRequestType, bRequest, wValue, wIndex, data, timeout):  # type: ignore[no-untyped-def]
         self._alive(dev_handle)
         if bmRequestType != 0x80 or bRequest != 6 or (wValue >> 8) != 3:
             raise usb.core.USBError("Pipe error", errno=errno.EPIPE)

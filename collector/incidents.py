@@ -1,0 +1,136 @@
+"""Incident lifecycle: open, revise, resolve, reopen, withdraw; acknowledge and override.
+
+The evaluator says what incidents the evidence supports now; this book compares that
+with what it recorded before and writes every change to the audit chain. Nothing is ever
+deleted: an incident the evidence no longer supports is kept as ``withdrawn``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from collector import audit
+from collector.classify import Incident
+from collector.policy import CAUSES
+from collector.store.sqlite import SqliteStore, dumps
+
+log = logging.getLogger(__name__)
+
+RESPONSIBLE_OF_CAUSE = {"device_fault": "central_it", "handling_damage": "unit", "host_issue": "none",
+                        "needs_inspection": "undetermined"}
+
+Listener = Callable[[str, dict[str, Any]], None]
+
+
+class IncidentError(ValueError):
+    pass
+
+
+class IncidentBook:
+    def __init__(self, store: SqliteStore, lang: str = "id") -> None:
+        self.store = store
+        self.lang = lang
+        self.listeners: list[Listener] = []
+
+    def _notify(self, action: str, row: dict[str, Any]) -> None:
+        for fn in self.listeners:
+            try:
+                fn(action, row)
+            except Exception:
+                log.exception("incident listener failed")
+
+    def sync(self, agent: str, computed: list[tuple[Incident, dict[str, int]]], now: str) -> list[str]:
+        """Bring the recorded incidents of ``agent`` in line with ``computed``; returns the actions."""
+        actions: list[tuple[str, dict[str, Any]]] = []
+        with self.store.tx() as db:
+            cur = db.execute("SELECT * FROM incidents WHERE agent = ?", (agent,))
+            cols = [d[0] for d in cur.description]
+            stored = {r[0]: dict(zip(cols, r, strict=True)) for r in cur.fetchall()}
+            seen = set()
+            for inc, rank in computed:
+                j = inc.to_json(rank, self.lang)
+                seen.add(j["id"])
+                status = "resolved" if j["resolved_at"] else "open"
+                row = {"id": j["id"], "agent": agent, "device": j["device"], "kind": j["kind"], "status": status,
+                       "cause": j["cause"], "responsible": j["responsible"], "confidence": j["confidence"],
+                       "rule": j["rule"], "opened_at": j["opened_at"], "resolved_at": j["resolved_at"],
+                       "evidence": dumps(j["evidence"]), "summary": j["summary"], "updated_at": now}
+                old = stored.get(j["id"])
+                if old is None:
+                    db.execute(f"INSERT INTO incidents ({','.join(row)}) VALUES ({','.join('?' * len(row))})",
+                               tuple(row.values()))
+                    actions.append(("opened", {"rule": j["rule"], "cause": j["cause"], "opened_at": j["opened_at"]}))
+                    if status == "resolved":
+                        actions.append(("resolved", {"resolved_at": j["resolved_at"]}))
+                else:
+                    if old["status"] == "withdrawn":
+                        actions.append(("reinstated", {"rule": j["rule"]}))
+                    if old["rule"] != j["rule"]:
+                        actions.append(("revised", {"from": {"rule": old["rule"], "cause": old["cause"]},
+                                                    "to": {"rule": j["rule"], "cause": j["cause"]}}))
+                    if old["resolved_at"] is None and j["resolved_at"] is not None:
+                        actions.append(("resolved", {"resolved_at": j["resolved_at"]}))
+                    elif old["resolved_at"] is not None and j["resolved_at"] is None and old["status"] != "withdrawn":
+                        actions.append(("reopened", {"previously_resolved_at": old["resolved_at"]}))
+                    changed = {k: v for k, v in row.items() if k != "updated_at" and old.get(k) != v}
+                    if changed:
+                        sets = ",".join(f"{k} = ?" for k in changed)
+                        db.execute(f"UPDATE incidents SET {sets}, updated_at = ? WHERE id = ?",
+                                   (*changed.values(), now, j["id"]))
+                for action, detail in actions:
+                    if "_done" not in detail:
+                        audit.append(db, now, "pantau", j["id"], action, detail)
+                        detail["_done"] = True
+                        detail["_id"] = j["id"]
+            for sid, old in stored.items():
+                if sid not in seen and old["status"] != "withdrawn":
+                    db.execute("UPDATE incidents SET status = 'withdrawn', updated_at = ? WHERE id = ?", (now, sid))
+                    d = {"reason": "the evidence no longer supports it", "_id": sid}
+                    audit.append(db, now, "pantau", sid, "withdrawn", {"reason": d["reason"]})
+                    d["_done"] = True
+                    actions.append(("withdrawn", d))
+        for action, detail in actions:
+            rows = self.store.query("SELECT * FROM incidents WHERE id = ?", (detail["_id"],))
+            if rows:
+                self._notify(action, rows[0])
+        return [a for a, _ in actions]
+
+    def get(self, incident_id: str) -> dict[str, Any] | None:
+        rows = self.store.query("SELECT * FROM incidents WHERE id = ?", (incident_id,))
+        return rows[0] if rows else None
+
+    def override(self, incident_id: str, cause: str, reason: str, by: str, now: str) -> dict[str, Any]:
+        if cause not in CAUSES:
+            raise IncidentError(f"cause must be one of {', '.join(CAUSES)}")
+        if not reason or not reason.strip():
+            raise IncidentError("an override needs a reason")
+        if not by or not by.strip():
+            raise IncidentError("an override needs the name of who decides")
+        with self.store.tx() as db:
+            row = db.execute("SELECT cause, decided_cause FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+            if row is None:
+                raise KeyError(incident_id)
+            db.execute("UPDATE incidents SET decided_cause=?, decided_responsible=?, decided_by=?, decided_reason=?, "
+                       "decided_at=?, updated_at=? WHERE id=?",
+                       (cause, RESPONSIBLE_OF_CAUSE[cause], by, reason, now, now, incident_id))
+            audit.append(db, now, by, incident_id, "overridden",
+                         {"computed": row[0], "previous_decision": row[1], "decided": cause, "reason": reason})
+        out = self.get(incident_id)
+        assert out is not None
+        self._notify("overridden", out)
+        return out
+
+    def acknowledge(self, incident_id: str, by: str, now: str) -> dict[str, Any]:
+        if not by or not by.strip():
+            raise IncidentError("an acknowledgement needs the name of who acknowledges")
+        with self.store.tx() as db:
+            if db.execute("SELECT 1 FROM incidents WHERE id = ?", (incident_id,)).fetchone() is None:
+                raise KeyError(incident_id)
+            db.execute("UPDATE incidents SET acknowledged_by=?, acknowledged_at=?, updated_at=? WHERE id=?",
+                       (by, now, now, incident_id))
+            audit.append(db, now, by, incident_id, "acknowledged", {})
+        out = self.get(incident_id)
+        assert out is not None
+        return out

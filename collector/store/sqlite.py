@@ -1,0 +1,164 @@
+"""The embedded store: one SQLite file (WAL) for time series and the relational side.
+
+Schema changes are numbered migrations applied in order from the first release on; the
+file records which it has. Writes come in batches (one transaction per ingest batch).
+Time series: raw samples, rolled up into 5-minute and hourly buckets, each with its own
+retention (defaults: raw 14 days, 5-minute 90 days, hourly 2 years).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+MIGRATIONS: list[str] = [
+    # 1: the first release
+    """
+    CREATE TABLE seen (agent TEXT NOT NULL, boot TEXT NOT NULL, seq INTEGER NOT NULL,
+                       PRIMARY KEY (agent, boot, seq)) WITHOUT ROWID;
+    CREATE TABLE evidence (id INTEGER PRIMARY KEY, agent TEXT NOT NULL, boot TEXT NOT NULL, seq INTEGER NOT NULL,
+                           ts TEXT NOT NULL, kind TEXT NOT NULL, type TEXT NOT NULL, device TEXT,
+                           payload TEXT NOT NULL, received_at TEXT NOT NULL);
+    CREATE INDEX evidence_agent ON evidence (agent, id);
+    CREATE TABLE samples (ts REAL NOT NULL, agent TEXT NOT NULL, device TEXT NOT NULL, metric TEXT NOT NULL,
+                          value REAL NOT NULL);
+    CREATE INDEX samples_ts ON samples (ts);
+    CREATE INDEX samples_series ON samples (agent, device, metric, ts);
+    CREATE TABLE rollup (res INTEGER NOT NULL, bucket INTEGER NOT NULL, agent TEXT NOT NULL, device TEXT NOT NULL,
+                         metric TEXT NOT NULL, n INTEGER NOT NULL, sum REAL NOT NULL, min REAL NOT NULL,
+                         max REAL NOT NULL, PRIMARY KEY (res, agent, device, metric, bucket)) WITHOUT ROWID;
+    CREATE TABLE agents (agent TEXT PRIMARY KEY, state TEXT, reason TEXT, boot TEXT, hostname TEXT, version TEXT,
+                         platform TEXT, labels TEXT NOT NULL DEFAULT '{}', last_seen TEXT, inventory TEXT,
+                         host TEXT, devices TEXT);
+    CREATE TABLE dead_letter (id INTEGER PRIMARY KEY, received_at TEXT NOT NULL, topic TEXT, reason TEXT NOT NULL,
+                              detail TEXT NOT NULL, payload BLOB);
+    CREATE TABLE incidents (id TEXT PRIMARY KEY, agent TEXT NOT NULL, device TEXT NOT NULL, kind TEXT NOT NULL,
+                            status TEXT NOT NULL, cause TEXT NOT NULL, responsible TEXT NOT NULL,
+                            confidence REAL NOT NULL, rule TEXT NOT NULL, opened_at TEXT NOT NULL,
+                            resolved_at TEXT, evidence TEXT NOT NULL, summary TEXT NOT NULL,
+                            decided_cause TEXT, decided_responsible TEXT, decided_by TEXT, decided_reason TEXT,
+                            decided_at TEXT, acknowledged_by TEXT, acknowledged_at TEXT, updated_at TEXT NOT NULL);
+    CREATE INDEX incidents_agent ON incidents (agent);
+    CREATE TABLE audit (id INTEGER PRIMARY KEY, at TEXT NOT NULL, actor TEXT NOT NULL, incident TEXT,
+                        action TEXT NOT NULL, detail TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+    CREATE TABLE units (id TEXT PRIMARY KEY, name TEXT NOT NULL, pic_name TEXT, pic_email TEXT, pic_phone TEXT);
+    CREATE TABLE rooms (id TEXT PRIMARY KEY, unit TEXT NOT NULL, name TEXT NOT NULL, agent TEXT);
+    CREATE TABLE loans (device TEXT PRIMARY KEY, unit TEXT NOT NULL, room TEXT, lease_start TEXT, lease_end TEXT,
+                        condition TEXT, note TEXT);
+    CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    """,
+]
+
+RESOLUTIONS = {300: "5m", 3600: "1h"}
+
+
+@dataclass(frozen=True)
+class Retention:
+    raw_s: float = 14 * 86400
+    five_min_s: float = 90 * 86400
+    hourly_s: float = 730 * 86400
+
+
+class SqliteStore:
+    def __init__(self, path: str, retention: Retention | None = None) -> None:
+        self.path = path
+        self.retention = retention or Retention()
+        self.lock = threading.RLock()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.migrate()
+
+    # ------------------------------------------------------------------ schema
+    def schema_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> None:
+        with self.lock:
+            v = self.schema_version()
+            if v > len(MIGRATIONS):
+                raise RuntimeError(f"{self.path} has schema {v}, newer than this collector ({len(MIGRATIONS)})")
+            for n in range(v, len(MIGRATIONS)):
+                self.db.executescript(f"BEGIN; {MIGRATIONS[n]}; PRAGMA user_version = {n + 1}; COMMIT;")
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def query(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self.lock:
+            cur = self.db.execute(sql, tuple(args))
+            cols = [d[0] for d in cur.description or ()]
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ ingest side
+    @staticmethod
+    def mark_seen(db: sqlite3.Connection, agent: str, boot: str, seq: int) -> bool:
+        """True the first time ``(agent, boot, seq)`` is seen."""
+        return db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", (agent, boot, seq)).rowcount == 1
+
+    @staticmethod
+    def add_samples(db: sqlite3.Connection, rows: list[tuple[float, str, str, str, float]]) -> None:
+        db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?)", rows)
+
+    @staticmethod
+    def bump(db: sqlite3.Connection, name: str, by: int = 1) -> None:
+        db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?",
+                   (name, by, by))
+
+    def counters(self) -> dict[str, int]:
+        return {r["name"]: r["value"] for r in self.query("SELECT name, value FROM counters")}
+
+    # ------------------------------------------------------------------ maintenance
+    def roll_up_and_expire(self, now: float) -> None:
+        """Fold raw samples into 5-minute and hourly buckets; drop what is past retention."""
+        with self.tx() as db:
+            for res in RESOLUTIONS:
+                db.execute(
+                    """INSERT INTO rollup (res, bucket, agent, device, metric, n, sum, min, max)
+                       SELECT ?, CAST(ts / ? AS INTEGER) * ?, agent, device, metric, count(*), sum(value),
+                              min(value), max(value)
+                       FROM samples WHERE ts >= coalesce((SELECT value FROM counters WHERE name = ?), 0)
+                         AND ts < ?
+                       GROUP BY 2, agent, device, metric
+                       ON CONFLICT (res, agent, device, metric, bucket) DO UPDATE SET
+                         n = n + excluded.n, sum = sum + excluded.sum,
+                         min = min(min, excluded.min), max = max(max, excluded.max)""",
+                    (res, res, res, f"rollup_mark_{res}", now // res * res),
+                )
+                db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                           (f"rollup_mark_{res}", int(now // res * res)))
+            db.execute("DELETE FROM samples WHERE ts < ?", (now - self.retention.raw_s,))
+            db.execute("DELETE FROM rollup WHERE res = 300 AND bucket < ?", (now - self.retention.five_min_s,))
+            db.execute("DELETE FROM rollup WHERE res = 3600 AND bucket < ?", (now - self.retention.hourly_s,))
+
+    def series(self, agent: str, device: str, metric: str, since: float, res: int = 0) -> list[dict[str, Any]]:
+        if res == 0:
+            return self.query("SELECT ts, value FROM samples WHERE agent=? AND device=? AND metric=? AND ts>=? "
+                              "ORDER BY ts", (agent, device, metric, since))
+        return self.query("SELECT bucket AS ts, sum/n AS value, min, max FROM rollup WHERE res=? AND agent=? "
+                          "AND device=? AND metric=? AND bucket>=? ORDER BY bucket",
+                          (res, agent, device, metric, since))
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)

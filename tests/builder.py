@@ -1,0 +1,83 @@
+"""Write captures the way an agent would, for scenario tests: explicit times, explicit seq."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+T0 = datetime(2026, 11, 30, 1, 0, tzinfo=UTC)
+
+
+def ts(minutes: float = 0, base: datetime = T0) -> str:
+    t = base + timedelta(minutes=minutes)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+def device(key: str = "046d:085e:CAM1", kind: str = "camera", port: str = "2-1", **kw: Any) -> dict[str, Any]:
+    vid, pid, *rest = key.replace("@", ":").split(":")
+    serial = None if "@" in key else (rest[0] if rest else None)
+    return {"key": key, "vid": vid, "pid": pid, "serial": serial, "kind": kind, "vendor": "V", "product": f"P-{kind}",
+            "port": port, "speed": "high", "max_speed": "high", "firmware": "1.0", **kw}
+
+
+CAM = device()
+SPK = device("0b0e:2456:SPK1", "speakerphone", "2-2")
+
+
+class Agent:
+    """One agent boot: appends capture lines with strictly increasing seq."""
+
+    def __init__(self, name: str = "room-1", boot: str = "boot0001aaaa", lines: list[str] | None = None) -> None:
+        self.name, self.boot, self.seq = name, boot, 0
+        self.lines: list[str] = [] if lines is None else lines
+
+    def restart(self, boot: str) -> Agent:
+        return Agent(self.name, boot, self.lines)
+
+    def _msg(self, channel: str, kind: str, at: float, seq: int | None = None, **body: Any) -> dict[str, Any]:
+        if seq is None:
+            self.seq += 1
+            seq = self.seq
+        p = {"v": 1, "agent": self.name, "boot": self.boot, "seq": seq, "ts": ts(at), "kind": kind, **body}
+        self.lines.append(json.dumps({"topic": f"pantau/v1/agents/{self.name}/{channel}", "payload": p}))
+        return p
+
+    def started(self, at: float = 0, devices: list[dict[str, Any]] | None = None) -> Agent:
+        self._msg("events", "event", at, type="agent.started", context={"host_boot": ts(at - 3)})
+        self._msg("state", "state", at, state="online", version="1.0.0", platform="linux", hostname=self.name,
+                  labels={"unit": "setjen", "room": "r1"}, interval_s=30)
+        self.inventory(at, devices if devices is not None else [CAM, SPK])
+        return self
+
+    def inventory(self, at: float, devices: list[dict[str, Any]]) -> None:
+        self._msg("inventory", "inventory", at, devices=devices)
+
+    def event(self, etype: str, at: float, dev: dict[str, Any] | None = None, seq: int | None = None,
+              **body: Any) -> dict[str, Any]:
+        extra: dict[str, Any] = {"type": etype, "context": body.pop("context", {})}
+        if dev is not None:
+            extra["device"] = dev
+        extra.update(body)
+        return self._msg("events", "event", at, seq=seq, **extra)
+
+    def error(self, at: float, dev: dict[str, Any], code: str, seq: int | None = None) -> dict[str, Any]:
+        return self.event("device.error", at, dev, seq=seq, error={
+            "code": code, "source": "kernel", "errno": None, "problem_code": None, "message": code, "count": 1})
+
+    def detach(self, at: float, dev: dict[str, Any], in_use: bool = False, seq: int | None = None) -> dict[str, Any]:
+        return self.event("device.detached", at, dev, seq=seq,
+                          context={"in_use": in_use, "users": ["zoom"] if in_use else [], "meeting": in_use})
+
+    def attach(self, at: float, dev: dict[str, Any], seq: int | None = None) -> dict[str, Any]:
+        return self.event("device.attached", at, dev, seq=seq, context={"in_use": False, "users": [],
+                                                                       "meeting": False})
+
+    def telemetry(self, at: float, present: list[str]) -> None:
+        self._msg("telemetry", "telemetry", at, host={"cpu_pct": 1.0, "mem_pct": 2.0, "disk_pct": 3.0,
+                                                      "uptime_s": 10, "temp_c": None},
+                  devices=[{"key": k, "present": True, "in_use": False, "speed": "high", "errors_total": 0,
+                            "resets_total": 0} for k in present])
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
