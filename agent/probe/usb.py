@@ -80,11 +80,24 @@ def port_path(bus: int | None, ports: tuple[int, ...] | None) -> str | None:
     return f"{bus}-{'.'.join(str(p) for p in ports)}"
 
 
-def _string(dev: Any, index: int, failures: list[int]) -> str | None:
-    if not index:
+def _langid(dev: Any, failures: list[int]) -> int | None:
+    """The first language id. pyusb's ``dev.langids`` swallows the USBError that tells a
+    hung (-110) or vanished (-19) device from one without strings, so ask directly."""
+    try:
+        langids = usb.util.get_langids(dev)
+    except usb.core.USBError as exc:
+        failures.append(-(exc.errno or 0))
+        return None
+    except (ValueError, NotImplementedError, OSError):
+        return None
+    return langids[0] if langids else None
+
+
+def _string(dev: Any, index: int, langid: int | None, failures: list[int]) -> str | None:
+    if not index or langid is None:
         return None
     try:
-        s = usb.util.get_string(dev, index)
+        s = usb.util.get_string(dev, index, langid)
     except usb.core.USBError as exc:
         failures.append(-(exc.errno or 0))
         return None
@@ -119,9 +132,10 @@ def describe(dev: Any, sysfs_root: str = "/sys", failures: list[int] | None = No
     port = port_path(dev.bus, ports) or f"{dev.bus}-0.{dev.address}"
     vid, pid = f"{dev.idVendor:04x}", f"{dev.idProduct:04x}"
     fails = failures if failures is not None else []
-    serial = _string(dev, dev.iSerialNumber, fails) or _sysfs(sysfs_root, port, "serial")
-    vendor = _string(dev, dev.iManufacturer, fails) or _sysfs(sysfs_root, port, "manufacturer")
-    product = _string(dev, dev.iProduct, fails) or _sysfs(sysfs_root, port, "product")
+    lang = _langid(dev, fails) if (dev.iSerialNumber or dev.iManufacturer or dev.iProduct) else None
+    serial = _string(dev, dev.iSerialNumber, lang, fails) or _sysfs(sysfs_root, port, "serial")
+    vendor = _string(dev, dev.iManufacturer, lang, fails) or _sysfs(sysfs_root, port, "manufacturer")
+    product = _string(dev, dev.iProduct, lang, fails) or _sysfs(sysfs_root, port, "product")
     speed = SPEED_NAMES.get(dev.speed or 0, "unknown")
     if speed == "unknown":
         speed = SYSFS_SPEED.get(_sysfs(sysfs_root, port, "speed") or "", "unknown")
