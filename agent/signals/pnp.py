@@ -101,12 +101,11 @@ def _parse_list(lines: list[str]) -> list[PnpDevice]:
         m = re.match(r"^(\w+)\s*[:=]\s?(.*)$", line)
         if m:
             rec[m.group(1)] = m.group(2).strip()
-        elif not line.strip() or set(line.strip()) == {"-"}:
-            if rec:
-                d = _device(rec)
-                if d is not None:
-                    out.append(d)
-                rec = {}
+        elif (not line.strip() or set(line.strip()) == {"-"}) and rec:
+            d = _device(rec)
+            if d is not None:
+                out.append(d)
+            rec = {}
     return out
 
 
