@@ -77,6 +77,7 @@ class AgentConfig:
     spool_max_bytes: int = 100 * 1024 * 1024
     inflight_max: int = 1000
     recover_quiet_s: float = 600.0
+    reconnect_max_s: float = 60.0
 
     @property
     def broker_url(self) -> Broker:
@@ -88,7 +89,7 @@ class AgentConfig:
         return dev.get("kind") in self.watch_kinds
 
 
-_FLOATS = {"poll_s", "telemetry_s", "recover_quiet_s"}
+_FLOATS = {"poll_s", "telemetry_s", "recover_quiet_s", "reconnect_max_s"}
 _INTS = {"spool_max_events", "spool_max_bytes", "inflight_max"}
 _LISTS = {"watch_kinds", "watch_vidpid", "meeting_processes"}
 

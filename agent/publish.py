@@ -146,7 +146,7 @@ class Session:
         self._thread.start()
 
     def _run(self) -> None:
-        delays = backoff_delays()
+        delays = backoff_delays(self.cfg.reconnect_max_s)
         first = True
         while not self._stop.is_set():
             try:
@@ -171,7 +171,7 @@ class Session:
                     self._fallback = True
                     break
                 if self.connected.is_set():
-                    delays = backoff_delays()
+                    delays = backoff_delays(self.cfg.reconnect_max_s)
                     self.pump()
             self.connected.clear()
             if self._fallback:
@@ -190,10 +190,10 @@ class Session:
         """Wait until the outbox is empty (or the timeout passes)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if self.outbox.depth == 0:
+            if self.outbox.empty:
                 return True
             time.sleep(0.05)
-        return self.outbox.depth == 0
+        return self.outbox.empty
 
     def stop(self) -> None:
         self._stop.set()

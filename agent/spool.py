@@ -2,9 +2,11 @@
 deleted only after the broker acknowledged it.
 
 SQLite in WAL mode with ``synchronous=FULL``: a committed message survives ``kill -9`` and
-power loss. Bounded by count and bytes; on overflow the *oldest* messages are dropped (the
+power loss. Events are bounded by count and bytes; on overflow the *oldest* events are dropped (the
 newest evidence matters most for a liability decision), and every drop is counted
-durably and reported in ``state`` and telemetry — never silently.
+durably and reported in ``state`` and telemetry — never silently. Retained messages
+(``state``, ``inventory``) do not count against the bound: a newer one replaces an older
+unsent one of the same topic, since the broker would keep only the last anyway.
 """
 
 from __future__ import annotations
@@ -42,22 +44,27 @@ class Outbox:
             CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
             """
         )
-        row = self._db.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
-        self._count, self._bytes = int(row[0]), int(row[1])
+        row = self._db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox WHERE retain = 0").fetchone()
+        self._count, self._bytes = int(row[0]), int(row[1])  # events only: what the bound applies to
 
     def put(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if retain:
+                    self._db.execute("DELETE FROM outbox WHERE retain = 1 AND topic = ?", (topic,))
                 cur = self._db.execute(
                     "INSERT INTO outbox (topic, payload, qos, retain) VALUES (?, ?, ?, ?)",
                     (topic, payload, qos, int(retain)),
                 )
-                self._count += 1
-                self._bytes += len(payload)
+                if not retain:
+                    self._count += 1
+                    self._bytes += len(payload)
                 dropped = 0
                 while self._count > self.max_events or self._bytes > self.max_bytes:
-                    old = self._db.execute("SELECT id, length(payload) FROM outbox ORDER BY id LIMIT 1").fetchone()
+                    old = self._db.execute(
+                        "SELECT id, length(payload) FROM outbox WHERE retain = 0 ORDER BY id LIMIT 1").fetchone()
                     if old is None or old[0] == cur.lastrowid:
                         break
                     self._db.execute("DELETE FROM outbox WHERE id = ?", (old[0],))
@@ -83,15 +90,21 @@ class Outbox:
 
     def ack(self, row_id: int) -> None:
         with self._lock:
-            cur = self._db.execute("DELETE FROM outbox WHERE id = ? RETURNING length(payload)", (row_id,))
+            cur = self._db.execute("DELETE FROM outbox WHERE id = ? RETURNING length(payload), retain", (row_id,))
             r = cur.fetchone()
-            if r is not None:
+            if r is not None and not r[1]:
                 self._count -= 1
                 self._bytes -= int(r[0])
 
     @property
     def depth(self) -> int:
+        """Events waiting (retained state/inventory rows not included)."""
         return self._count
+
+    @property
+    def empty(self) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM outbox LIMIT 1").fetchone() is None
 
     @property
     def size_bytes(self) -> int:

@@ -37,11 +37,12 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class Mosquitto:
     """A real Mosquitto on a free loopback port; restartable, with persistence."""
 
-    def __init__(self, workdir: Path, extra: str = "", port: int | None = None) -> None:
+    def __init__(self, extra: str = "", port: int | None = None) -> None:
         if shutil.which("mosquitto") is None:
             pytest.fail("mosquitto is not installed: run `make test`, which installs it")
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # Started as root, Mosquitto drops to user "mosquitto": its files must be reachable by it,
+        # which pytest's 0700 temporary folders are not.
+        self.dir = Path(tempfile.mkdtemp(prefix="pantau-mq-"))
         os.chmod(self.dir, 0o777)
         self.port = port or free_port()
         self.conf = self.dir / "mosquitto.conf"
@@ -75,11 +76,12 @@ class Mosquitto:
     def close(self) -> None:
         self.stop()
         self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    m = Mosquitto(tmp_path / "mosquitto").start()
+def mosquitto() -> Iterator[Mosquitto]:
+    m = Mosquitto().start()
     yield m
     m.close()
 
