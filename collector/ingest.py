@@ -163,7 +163,7 @@ class Collector:
                     rows.append((t, msg.agent, d["key"], "speed_rank", float(SPEED_RANK[d["speed"]])))
             SqliteStore.add_samples(db, rows)
             if self.timeseries is not None:
-                self.timeseries.add(msg.agent, rows, self._labels(db, msg.agent))
+                self.timeseries.add(msg.agent, rows, *self._labels(db, msg.agent))
             present = [{"key": d["key"], "present": True} for d in p["devices"] if d.get("present") is True]
             if present:
                 db.execute("INSERT INTO evidence (agent, boot, seq, ts, kind, type, device, payload, received_at) "
@@ -196,12 +196,14 @@ class Collector:
         elif kind == "inventory":
             db.execute("UPDATE agents SET inventory = ? WHERE agent = ?", (dumps(p["devices"]), msg.agent))
 
-    def _labels(self, db: Any, agent: str) -> dict[str, str]:
-        row = db.execute("SELECT labels FROM agents WHERE agent = ?", (agent,)).fetchone()
-        try:
-            return json.loads(row[0]) if row and row[0] else {}
-        except ValueError:
-            return {}
+    def _labels(self, db: Any, agent: str) -> tuple[dict[str, str], dict[str, str]]:
+        """The agent's labels (unit, room) and the kind of each device in its inventory."""
+        row = db.execute("SELECT labels, inventory FROM agents WHERE agent = ?", (agent,)).fetchone()
+        if not row:
+            return {}, {}
+        labels = json.loads(row[0]) if row[0] else {}
+        inventory = json.loads(row[1]) if row[1] else []
+        return labels, {d["key"]: str(d.get("kind", "unknown")) for d in inventory if isinstance(d, dict)}
 
     def metrics(self) -> dict[str, Any]:
         dl = self.store.query("SELECT count(*) AS n FROM dead_letter")[0]["n"]

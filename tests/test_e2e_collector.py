@@ -1,0 +1,135 @@
+"""The collector against a real Mosquitto: nothing lost on SIGKILL, recovery after a broker
+restart, and hostile input counted and survived."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Mosquitto
+from tests.procs import db_rows, publisher, start_collector, wait_until
+
+pytestmark = pytest.mark.broker
+DEV = {"key": "046d:0843:A1", "vid": "046d", "pid": "0843", "serial": "A1", "kind": "camera", "port": "1-2"}
+
+
+def usage_event(seq: int, agent: str = "load-1", boot: str = "bootload0001") -> bytes:
+    return json.dumps({"v": 1, "agent": agent, "boot": boot, "seq": seq, "kind": "event",
+                       "ts": f"2026-11-30T03:{seq // 60000:02d}:{(seq // 1000) % 60:02d}.{seq % 1000:03d}Z",
+                       "type": "device.usage", "device": DEV,
+                       "context": {"in_use": seq % 2 == 0, "users": [], "meeting": False}}).encode()
+
+
+def stored(db: Path, agent: str = "load-1") -> int:
+    rows = db_rows(db, "SELECT count(*) FROM evidence WHERE agent=?", (agent,))
+    return int(rows[0][0]) if rows else 0
+
+
+def metrics(http: str) -> dict[str, float]:
+    with urllib.request.urlopen(http + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_sigkill_mid_stream_loses_and_duplicates_nothing(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    n = 3000
+    db = tmp_path / "collector.sqlite"
+    collector, _ = start_collector(tmp_path, mosquitto.url)
+    wait_until(lambda: db.exists() and "subscribed" in collector.log(), 20, what="the collector to subscribe")
+    pub = publisher(mosquitto.port)
+    infos = []
+    for seq in range(1, n + 1):
+        infos.append(pub.publish("pantau/v1/agents/load-1/events", usage_event(seq), qos=1))
+        if seq == n // 3:
+            wait_until(lambda: stored(db) > 0, 20, what="the first stored events")
+            collector.kill9()  # mid-stream
+    for info in infos:
+        info.wait_for_publish(30)
+    pub.loop_stop()
+    pub.disconnect()
+    collector, _ = start_collector(tmp_path, mosquitto.url)
+    try:
+        wait_until(lambda: stored(db) >= n, 90, what=f"{n} stored events")
+        time.sleep(1.0)
+        assert stored(db) == n
+        assert db_rows(db, "SELECT count(DISTINCT seq) FROM evidence WHERE agent='load-1'")[0][0] == n
+    finally:
+        collector.term()
+
+
+def test_ingestion_resumes_after_a_broker_restart(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    db = tmp_path / "collector.sqlite"
+    collector, http = start_collector(tmp_path, mosquitto.url)
+    try:
+        wait_until(lambda: "subscribed" in collector.log(), 20)
+        pub = publisher(mosquitto.port, "pub-1")
+        for seq in range(1, 101):
+            pub.publish("pantau/v1/agents/load-1/events", usage_event(seq), qos=1).wait_for_publish(10)
+        wait_until(lambda: stored(db) == 100, 20)
+        pub.loop_stop()
+        pub.disconnect()
+        mosquitto.stop()
+        time.sleep(2)
+        mosquitto.start()
+        pub = publisher(mosquitto.port, "pub-2")
+        for seq in range(101, 201):
+            pub.publish("pantau/v1/agents/load-1/events", usage_event(seq), qos=1).wait_for_publish(10)
+        wait_until(lambda: stored(db) == 200, 60, what="ingestion after the restart")
+        pub.loop_stop()
+        pub.disconnect()
+        assert metrics(http)["pantau_messages_stored_total"] >= 100
+    finally:
+        collector.term()
+
+
+def test_forged_oversized_malformed_and_duplicate_messages(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    db = tmp_path / "collector.sqlite"
+    collector, http = start_collector(tmp_path, mosquitto.url)
+    try:
+        wait_until(lambda: "subscribed" in collector.log(), 20)
+        pub = publisher(mosquitto.port)
+        t = "pantau/v1/agents/load-1/events"
+        good = usage_event(1)
+        forged = json.loads(usage_event(2))
+        forged["agent"] = "other-room"
+        big = json.loads(usage_event(3))
+        big["context"]["pad"] = "x" * 70_000
+        for topic, payload in [
+            (t, good), (t, good),                                    # duplicate
+            (t, json.dumps(forged).encode()),                        # forgery
+            (t, json.dumps(big).encode()),                           # oversized
+            (t, b"\x00\xffnot json"),                                # malformed
+            (t, b'{"v": 1}'),                                        # missing members
+            ("pantau/v1/agents/BAD ID/events", good),                # bad topic
+            ("pantau/v1/agents/load-1/telemetry", good),             # kind does not match topic
+            (t, usage_event(4)),                                     # still alive afterwards
+        ]:
+            pub.publish(topic, payload, qos=1).wait_for_publish(10)
+        wait_until(lambda: stored(db) == 2, 20, what="the two valid events")
+        m = wait_until(lambda: (mm := metrics(http)) and mm["pantau_messages_received_total"] >= 9 and mm, 10)
+        assert m["pantau_messages_duplicate_total"] == 1
+        assert m['pantau_messages_rejected_total{reason="agent_mismatch"}'] == 1
+        assert m['pantau_messages_rejected_total{reason="too_large"}'] == 1
+        assert m['pantau_messages_rejected_total{reason="bad_json"}'] == 1
+        assert m['pantau_messages_rejected_total{reason="missing_member"}'] == 1
+        assert m['pantau_messages_rejected_total{reason="bad_topic"}'] == 1
+        assert m['pantau_messages_rejected_total{reason="kind_mismatch"}'] == 1
+        assert m["pantau_messages_stored_total"] == 2
+        with urllib.request.urlopen(http + "/api/dead-letters", timeout=5) as r:
+            dead = json.load(r)
+        assert sorted(d["reason"] for d in dead) == sorted(
+            ["agent_mismatch", "too_large", "bad_json", "missing_member", "bad_topic", "kind_mismatch"])
+        assert collector.p.poll() is None
+        pub.loop_stop()
+        pub.disconnect()
+    finally:
+        collector.term()
