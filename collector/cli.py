@@ -63,6 +63,16 @@ class Service:
             ts = InfluxSink(cfg.influx_url, cfg.influx_token or "", cfg.influx_org or "", cfg.influx_bucket,
                             cfg.influx_buffer)
         self.collector = Collector(self.store, cfg.windows, cfg.prefix, lang=cfg.lang, timeseries=ts)
+        self.notifier = None
+        if cfg.smtp_host or cfg.webhook_url:
+            from collector.notify import Notifier, NotifyConfig
+
+            self.notifier = Notifier(self.store, NotifyConfig(
+                smtp_host=cfg.smtp_host, smtp_port=int(cfg.smtp_port), smtp_from=cfg.smtp_from,
+                central_it=[a.strip() for a in (cfg.central_it_email or "").split(",") if a.strip()],
+                webhook_url=cfg.webhook_url, delay_s=float(cfg.notify_delay_s),
+                dashboard_url=cfg.dashboard_url or ""))
+            self.collector.book.listeners.append(self.notifier.on_incident)
         self.subscriber = Subscriber(self.collector, parse_broker(cfg.broker), cfg.client_id, cfg.prefix,
                                      cfg.share_group, cfg.username, cfg.password, cfg.ca_file,
                                      mqtt_version=cfg.mqtt_version)
@@ -71,6 +81,8 @@ class Service:
         self._stop = threading.Event()
 
     def start(self) -> None:
+        if self.notifier is not None:
+            self.notifier.start()
         self.web.start()
         self.subscriber.start()
         threading.Thread(target=self._maintain, daemon=True).start()
@@ -87,6 +99,8 @@ class Service:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.notifier is not None:
+            self.notifier.stop()
         self.subscriber.stop()
         self.web.stop()
         if self.collector.timeseries is not None:

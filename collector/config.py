@@ -30,6 +30,13 @@ class CollectorConfig:
     influx_org: str | None = None
     influx_bucket: str | None = None
     influx_buffer: str = "var/influx-buffer.sqlite"
+    smtp_host: str | None = None
+    smtp_port: str = "25"
+    smtp_from: str = "pantau@localhost"
+    central_it_email: str | None = None  # comma-separated
+    webhook_url: str | None = None
+    notify_delay_s: str = "60"
+    dashboard_url: str | None = None
     windows: Windows = field(default_factory=Windows)
 
     @property
@@ -82,6 +89,12 @@ def load(path: str | None = None, env: dict[str, str] | None = None, **overrides
         raise ConfigError(f"config: mqtt_version: {cfg.mqtt_version!r} must be auto, 5 or 3.1.1")
     if cfg.lang not in ("id", "en"):
         raise ConfigError(f"config: lang: {cfg.lang!r} must be id or en")
+    for key in ("smtp_port", "notify_delay_s"):
+        try:
+            if float(getattr(cfg, key)) < 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"config: {key}: {getattr(cfg, key)!r} must be a non-negative number") from None
     if cfg.influx_url and not cfg.influx_bucket:
         raise ConfigError("config: influx_bucket: needed when influx_url is set")
     return cfg

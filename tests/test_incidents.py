@@ -1,0 +1,314 @@
+"""Incident life beyond classification: registry, override, acknowledgement, reopen, the audit
+chain and its tamper detection, notifications to a real SMTP server and webhook, the API,
+and the replay command."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collector import audit
+from collector.ingest import Collector, Inbound
+from collector.notify import Notifier, NotifyConfig
+from collector.registry import RegistryError, load_toml, lookup
+from collector.store.sqlite import SqliteStore
+from collector.web.server import WebServer
+from tests.builder import CAM, SPK, Agent, device
+from tests.conftest import EXAMPLES, free_port, run_cli
+
+REGISTRY = """
+[[units]]
+id = "setjen"
+name = "Sekretariat Jenderal"
+pic = { name = "Budi", email = "budi@setjen.example", phone = "0812" }
+rooms = [{ id = "r1", name = "Ruang Sidang", agent = "room-1" }]
+
+[[units.devices]]
+key = "046d:085e:CAM1"
+room = "r1"
+lease_end = "2027-01-04"
+condition = "baru"
+"""
+
+
+def feed(c: Collector, a: Agent, start: int = 0) -> int:
+    for line in a.lines[start:]:
+        rec = json.loads(line)
+        c.ingest([Inbound(rec["topic"], json.dumps(rec["payload"]).encode(), time.time())])
+    c.tick()
+    return len(a.lines)
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[Collector]:
+    store = SqliteStore(str(tmp_path / "c.sqlite"))
+    reg = tmp_path / "registry.toml"
+    reg.write_text(REGISTRY)
+    load_toml(store, str(reg))
+    yield Collector(store)
+    store.close()
+
+
+def test_registry_names_unit_room_and_pic(collector: Collector) -> None:
+    info = lookup(collector.store, CAM["key"], "room-1")
+    assert (info["registered"], info["unit"], info["room_name"], info["pic"]["email"]) == (
+        True, "setjen", "Ruang Sidang", "budi@setjen.example")
+    other = lookup(collector.store, "dead:beef:X", "room-9")
+    assert other["registered"] is False and other["unit"] is None
+
+
+def test_registry_rejects_bad_files(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "r.sqlite"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[units]]\nname = 'no id'\n")
+    with pytest.raises(RegistryError, match=r"units\[0\]\.id"):
+        load_toml(store, str(bad))
+    bad.write_text("units = [")
+    with pytest.raises(RegistryError, match="not valid TOML"):
+        load_toml(store, str(bad))
+
+
+def test_override_keeps_both_causes_and_audits(collector: Collector) -> None:
+    a = Agent().started()
+    a.error(30, CAM, "video.stream_error")
+    feed(collector, a)
+    [row] = collector.store.query("SELECT * FROM incidents")
+    assert row["cause"] == "device_fault"
+    out = collector.book.override(row["id"], "handling_damage", "kabel tertarik, foto terlampir", "pusdatin-ani",
+                                  "2026-11-30T02:00:00.000Z")
+    assert (out["cause"], out["decided_cause"], out["decided_responsible"]) == (
+        "device_fault", "handling_damage", "unit")
+    # later evidence revises the computed cause; the decision stands beside it
+    a.error(31, SPK, "audio.stream_error")
+    feed(collector, a, len(a.lines) - 1)
+    row = collector.book.get(row["id"])
+    assert row is not None and (row["cause"], row["decided_cause"]) == ("host_issue", "handling_damage")
+    actions = [r["action"] for r in collector.store.query("SELECT action FROM audit WHERE incident=? ORDER BY id",
+                                                          (row["id"],))]
+    assert actions == ["opened", "overridden", "revised"]
+
+
+def test_reopen_is_the_same_incident(collector: Collector) -> None:
+    a = Agent().started()
+    a.error(30, CAM, "video.stream_error")
+    n = feed(collector, a)
+    a.event("device.recovered", 40, CAM, error={"code": "video.stream_error"})
+    n = feed(collector, a, n)
+    [row] = collector.store.query("SELECT * FROM incidents")
+    assert row["status"] == "resolved"
+    a.error(60 * 24 * 3, CAM, "video.stream_error")
+    feed(collector, a, n)
+    [again] = collector.store.query("SELECT * FROM incidents")
+    assert again["id"] == row["id"] and again["status"] == "open"
+    assert [r["action"] for r in collector.store.query("SELECT action FROM audit ORDER BY id")] == [
+        "opened", "resolved", "reopened"]
+
+
+def test_audit_chain_detects_tampering(collector: Collector, tmp_path: Path) -> None:
+    a = Agent().started()
+    a.error(30, CAM, "video.stream_error")
+    a.event("device.recovered", 40, CAM, error={"code": "video.stream_error"})
+    a.error(50, SPK, "usb.over_current")
+    feed(collector, a)
+    db = collector.store.db
+    n, broken, _ = audit.verify(db)
+    assert n == 3 and broken is None  # opened, resolved, opened
+    env = {**os.environ, "PANTAU_DB": collector.store.path}
+    ok = run_cli("collector.cli", "audit", "verify", env=env)
+    assert ok.returncode == 0 and "chain intact" in ok.stdout
+    db.execute("UPDATE audit SET detail = '{\"cause\":\"handling_damage\"}' WHERE id = 2")
+    n, broken, why = audit.verify(db)
+    assert broken == 2 and "altered" in why
+    bad = run_cli("collector.cli", "audit", "verify", env=env)
+    assert bad.returncode == 1 and "entry 2" in bad.stdout
+    con = sqlite3.connect(collector.store.path)
+    con.execute("DELETE FROM audit WHERE id = 3")
+    con.commit()
+    con.close()
+    assert audit.verify(db)[1] == 2  # still the first broken one
+
+
+# ---------------------------------------------------------------- notifications
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.mails: list[Any] = []
+        self.hooks: list[dict[str, Any]] = []
+
+
+@pytest.fixture
+def inbox() -> Iterator[tuple[Inbox, int, str]]:
+    from aiosmtpd.controller import Controller
+
+    box = Inbox()
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]  # noqa: N802
+            box.mails.append(envelope)
+            return "250 OK"
+
+    smtp_port = free_port()
+    ctl = Controller(Handler(), hostname="127.0.0.1", port=smtp_port)
+    ctl.start()
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            box.hooks.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield box, smtp_port, f"http://127.0.0.1:{httpd.server_address[1]}/hook"
+    httpd.shutdown()
+    httpd.server_close()
+    ctl.stop()
+
+
+def test_notifications_reach_smtp_and_webhook_once_per_state(collector: Collector, inbox) -> None:  # type: ignore[no-untyped-def]
+    box, smtp_port, hook = inbox
+    n = Notifier(collector.store, NotifyConfig(smtp_host="127.0.0.1", smtp_port=smtp_port,
+                                               central_it=["pusdatin@example.go.id"], webhook_url=hook,
+                                               delay_s=0.3))
+    collector.book.listeners.append(n.on_incident)
+    n.start()
+    try:
+        a = Agent().started()
+        a.error(30, CAM, "video.stream_error")
+        a.error(30.2, CAM, "video.stream_error")  # more evidence: not a new message
+        k = feed(collector, a)
+        deadline = time.monotonic() + 10
+        while len(box.hooks) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.6)
+        assert len(box.mails) == 1 and len(box.hooks) == 1
+        mail = box.mails[0]
+        assert sorted(mail.rcpt_tos) == ["budi@setjen.example", "pusdatin@example.go.id"]
+        assert b"Sekretariat Jenderal" in mail.content and b"kerusakan perangkat" in mail.content
+        hookmsg = box.hooks[0]
+        assert hookmsg["incident"]["cause"] == "device_fault" and hookmsg["registry"]["unit"] == "setjen"
+        assert len(hookmsg["incident"]["evidence"]) == 2
+        # flapping: recovered and failing again inside the confirmation delay says nothing
+        a.event("device.recovered", 31, CAM, error={"code": "video.stream_error"})
+        k = feed(collector, a, k)
+        a.error(31.5, CAM, "video.stream_error")
+        k = feed(collector, a, k)
+        time.sleep(1.0)
+        assert len(box.hooks) == 1 and len(box.mails) == 1
+        # a real state change is announced once
+        a.event("device.recovered", 40, CAM, error={"code": "video.stream_error"})
+        feed(collector, a, k)
+        deadline = time.monotonic() + 10
+        while len(box.hooks) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert len(box.hooks) == 2 and box.hooks[1]["incident"]["status"] == "resolved"
+        assert len(box.mails) == 2
+    finally:
+        n.stop()
+
+
+def test_short_lived_incident_is_not_announced(collector: Collector, inbox) -> None:  # type: ignore[no-untyped-def]
+    box, smtp_port, hook = inbox
+    n = Notifier(collector.store, NotifyConfig(smtp_host="127.0.0.1", smtp_port=smtp_port, webhook_url=hook,
+                                               delay_s=0.5))
+    collector.book.listeners.append(n.on_incident)
+    a = Agent().started()
+    a.error(30, CAM, "video.stream_error")
+    a.event("device.recovered", 30.1, CAM, error={"code": "video.stream_error"})
+    feed(collector, a)
+    time.sleep(0.7)
+    assert n.deliver_due() == 0 and box.hooks == [] and box.mails == []
+
+
+# ---------------------------------------------------------------- the API
+
+
+def _req(url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                 method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_api_incidents_override_ack_and_errors(collector: Collector) -> None:
+    a = Agent().started()
+    a.error(30, CAM, "video.stream_error")
+    a.error(45, device("1111:2222:NOREG", port="2-9"), "video.stream_error")
+    feed(collector, a)
+    web = WebServer(collector, "127.0.0.1", 0)
+    web.start()
+    base = web.address.rstrip("/")
+    try:
+        code, incs = _req(base + "/api/incidents")
+        assert code == 200 and len(incs) == 2
+        reg = {i["device"]: i["registry"] for i in incs}
+        assert reg[CAM["key"]]["pic"]["name"] == "Budi" and reg["1111:2222:NOREG"]["registered"] is False
+        code, mine = _req(base + "/api/incidents?unit=setjen")
+        assert code == 200 and len(mine) == 2  # the unregistered camera is in setjen's room
+        iid = next(i["id"] for i in incs if i["device"] == CAM["key"])
+        assert _req(f"{base}/api/incidents/{iid}/override", {"cause": "nonsense", "reason": "x", "by": "y"})[0] == 400
+        assert _req(f"{base}/api/incidents/{iid}/override", {"cause": "host_issue", "by": "y"})[0] == 400
+        assert _req(f"{base}/api/incidents/nope/override", {"cause": "host_issue", "reason": "r", "by": "y"})[0] == 404
+        code, out = _req(f"{base}/api/incidents/{iid}/override",
+                         {"cause": "host_issue", "reason": "PC ruangan rusak", "by": "ani"})
+        assert code == 200 and out["effective_cause"] == "host_issue" and out["cause"] == "device_fault"
+        code, out = _req(f"{base}/api/incidents/{iid}/ack", {"by": "budi"})
+        assert code == 200 and out["acknowledged_by"] == "budi"
+        code, one = _req(f"{base}/api/incidents/{iid}")
+        assert [h["action"] for h in one["history"]] == ["opened", "overridden", "acknowledged"]
+        assert _req(base + "/api/audit/verify")[1]["first_broken"] is None
+        req = urllib.request.Request(f"{base}/api/incidents/{iid}/ack", data=b"{not json", method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(req, timeout=5)
+        assert ei.value.code == 400
+        with urllib.request.urlopen(base + "/api/openapi.json", timeout=5) as r:
+            assert "/api/incidents/{id}/override" in json.load(r)["paths"]
+    finally:
+        web.stop()
+
+
+# ---------------------------------------------------------------- replay command
+
+
+def test_replay_command_on_the_mosquitto_sub_form() -> None:
+    out = run_cli("collector.cli", "replay", str(EXAMPLES / "speaker-pulled-in-meeting.capture"))
+    assert out.returncode == 0, out.stderr
+    [inc] = [json.loads(line) for line in out.stdout.splitlines()]
+    assert (inc["rule"], inc["cause"], inc["responsible"]) == ("D1", "handling_damage", "unit")
+    assert set(inc) == {"id", "kind", "agent", "device", "cause", "responsible", "confidence", "rule", "opened_at",
+                        "resolved_at", "evidence", "summary"}
+    assert "73 lines" in out.stderr
+
+
+def test_replay_counts_bad_lines_and_never_fails_on_them(tmp_path: Path) -> None:
+    a = Agent().started()
+    a.error(30, CAM, "video.stream_error")
+    cap = tmp_path / "c.jsonl"
+    cap.write_text(a.text() + "garbage\n\n" + a.lines[-1] + "\npantau/v1/agents/room-1/events {bad\n")
+    out = run_cli("collector.cli", "replay", str(cap), "--lang", "en")
+    assert out.returncode == 0 and len(out.stdout.splitlines()) == 1
+    assert "1 unparseable" in out.stderr and "1 duplicates" in out.stderr and "bad_json=1" in out.stderr
+    assert "device fault" in json.loads(out.stdout)["summary"] or "failure" in json.loads(out.stdout)["summary"]
+    missing = run_cli("collector.cli", "replay", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
