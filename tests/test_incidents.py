@@ -155,7 +155,7 @@ def inbox() -> Iterator[tuple[Inbox, int, str]]:
     box = Inbox()
 
     class Handler:
-        async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]  # noqa: N802
+        async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
             box.mails.append(envelope)
             return "250 OK"
 
@@ -164,7 +164,7 @@ def inbox() -> Iterator[tuple[Inbox, int, str]]:
     ctl.start()
 
     class Hook(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             box.hooks.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             self.send_response(204)
             self.end_headers()
