@@ -11,6 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 VERSION = 1
@@ -139,18 +140,30 @@ def parse_ts(value: object) -> datetime:
     m = _TS_RE.match(value)
     if not m:
         raise ProtocolError("bad_ts", f"ts {value[:40]!r} is not RFC 3339 UTC with Z")
+    return datetime.fromtimestamp(_epoch(value, m), UTC)
+
+
+def _epoch(value: str, m: re.Match[str]) -> float:
     frac = m.group(7) or ""
     micro = int((frac[1:] + "000000")[:6]) if frac else 0
     try:
         y, mo, d, h, mi, s = (int(m.group(i)) for i in range(1, 7))
-        return datetime(y, mo, d, h, mi, s, micro, tzinfo=UTC)
+        return datetime(y, mo, d, h, mi, s, tzinfo=UTC).timestamp() + micro / 1e6
     except ValueError as exc:
         raise ProtocolError("bad_ts", f"ts {value[:40]!r}: {exc}") from None
 
 
+@lru_cache(maxsize=8192)
 def ts_seconds(value: str) -> float:
-    """Seconds since the epoch of a wire timestamp (already validated)."""
-    return parse_ts(value).timestamp()
+    """Seconds since the epoch of a wire timestamp; ProtocolError("bad_ts") if it is not one.
+
+    Cached: a message's ts is read by validation, ordering, the clock and the store."""
+    if not isinstance(value, str):
+        raise ProtocolError("bad_ts", "ts must be a string")
+    m = _TS_RE.match(value)
+    if not m:
+        raise ProtocolError("bad_ts", f"ts {value[:40]!r} is not RFC 3339 UTC with Z")
+    return _epoch(value, m)
 
 
 # ---------------------------------------------------------------- topics
@@ -354,7 +367,9 @@ def validate_payload(p: object, topic: Topic | None = None) -> dict[str, Any]:
     if not is_will:
         if "ts" not in p:
             raise ProtocolError("missing_member", "ts is missing")
-        parse_ts(p["ts"])
+        if not isinstance(p["ts"], str):
+            raise ProtocolError("bad_ts", "ts must be a string")
+        ts_seconds(p["ts"])
         if "seq" not in p:
             raise ProtocolError("missing_member", "seq is missing")
         seq = p["seq"]

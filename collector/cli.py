@@ -62,7 +62,8 @@ class Service:
 
             ts = InfluxSink(cfg.influx_url, cfg.influx_token or "", cfg.influx_org or "", cfg.influx_bucket,
                             cfg.influx_buffer)
-        self.collector = Collector(self.store, cfg.windows, cfg.prefix, lang=cfg.lang, timeseries=ts)
+        self.collector = Collector(self.store, cfg.windows, cfg.prefix, lang=cfg.lang, timeseries=ts,
+                                   classify_every_s=1.0)
         self.notifier = None
         if cfg.smtp_host or cfg.webhook_url:
             from collector.notify import Notifier, NotifyConfig

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from agent.protocol import ts_seconds
 from collector import audit
 from collector.classify import Incident
 from collector.policy import CAUSES
@@ -41,8 +42,12 @@ class IncidentBook:
             except Exception:
                 log.exception("incident listener failed")
 
-    def sync(self, agent: str, computed: list[tuple[Incident, dict[str, int]]], now: str) -> list[str]:
-        """Bring the recorded incidents of ``agent`` in line with ``computed``; returns the actions."""
+    def sync(self, agent: str, computed: list[tuple[Incident, dict[str, int]]], now: str,
+             since: float | None = None) -> list[str]:
+        """Bring the recorded incidents of ``agent`` in line with ``computed``; returns the actions.
+
+        Incidents opened before ``since`` lie outside the evidence that was evaluated and are
+        left as they are (never withdrawn for want of evidence that was merely pruned)."""
         actions: list[tuple[str, dict[str, Any]]] = []
         with self.store.tx() as db:
             cur = db.execute("SELECT * FROM incidents WHERE agent = ?", (agent,))
@@ -85,6 +90,8 @@ class IncidentBook:
                         detail["_done"] = True
                         detail["_id"] = j["id"]
             for sid, old in stored.items():
+                if since is not None and ts_seconds(old["opened_at"]) < since:
+                    continue
                 if sid not in seen and old["status"] != "withdrawn":
                     db.execute("UPDATE incidents SET status = 'withdrawn', updated_at = ? WHERE id = ?", (now, sid))
                     d = {"reason": "the evidence no longer supports it", "_id": sid}

@@ -1,24 +1,29 @@
-"""Ingest: validate, dedup, store, classify — one batch, one transaction.
+"""Ingest: validate, dedup, store, classify.
 
-Transport-free: the MQTT subscriber, replay-through-the-live-path tests and the
-benchmarks all feed ``Collector.ingest``. A message is acknowledged to the broker only
-after the batch holding it is committed.
+Transport-free: the MQTT subscriber, replay-through-the-live-path tests and the benchmarks
+all feed ``Collector.ingest``. One batch is one transaction; the subscriber acknowledges a
+message to the broker only after the batch holding it is committed.
+
+Kept lean for throughput: a telemetry message is one host row plus one row per device, the
+agents table is updated once per agent per batch, and telemetry becomes policy evidence only
+when it says something new (the set of present devices changed, or device events came since).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from agent.protocol import KIND_OF_CHANNEL, SPEED_RANK, Message, ProtocolError, Topic, decode_message, parse_ts
+from agent.protocol import SPEED_RANK, Message, ProtocolError, Topic, decode_message, format_ts, ts_seconds
 from collector.classify import evaluate
 from collector.incidents import IncidentBook
 from collector.policy import Windows
-from collector.store.sqlite import SqliteStore, dumps
+from collector.store.sqlite import HOST_METRICS, SqliteStore, dumps
 from collector.timeline import AgentHistory, evidence_from
 
 log = logging.getLogger(__name__)
@@ -35,20 +40,28 @@ class Inbound:
 def _fmt(t: float) -> str:
     from datetime import UTC, datetime
 
-    from agent.protocol import format_ts
-
     return format_ts(datetime.fromtimestamp(t, UTC))
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _flag(v: Any) -> int | None:
+    return (1 if v else 0) if isinstance(v, bool) else None
 
 
 class Collector:
     def __init__(self, store: SqliteStore, windows: Windows | None = None, prefix: str | None = None,
-                 dead_letter_max: int = 1000, lang: str = "id", timeseries: Any = None) -> None:
+                 dead_letter_max: int = 1000, lang: str = "id", timeseries: Any = None,
+                 classify_every_s: float = 0.0) -> None:
         self.store = store
         self.windows = windows or Windows()
         self.prefix = prefix
         self.dead_letter_max = dead_letter_max
         self.book = IncidentBook(store, lang)
         self.timeseries = timeseries  # an optional second sink (InfluxDB)
+        self.classify_every_s = classify_every_s
         self.received = 0
         self.stored = 0
         self.duplicates = 0
@@ -57,22 +70,43 @@ class Collector:
         self._log_gate: dict[str, float] = {}
         self.histories: dict[str, AgentHistory] = {}
         self.deadlines: dict[str, float] = {}  # agent -> earliest pending window end
+        self.keep_from: dict[str, float] = {}  # agent -> oldest ts its incidents still need
+        self._dirty: set[str] = set()
+        self._last_classify = 0.0
+        self._present: dict[str, frozenset[str]] = {}  # agent -> present set of its last telemetry evidence
+        self._events_since_telemetry: set[str] = set()
         self.clock: float | None = None
         self.clock_str: str | None = None
+        self.lock = threading.RLock()  # the ingest worker and the maintenance tick share this state
         self._load()
 
+    @property
+    def horizon_s(self) -> float:
+        """How far back evidence can still change a decision."""
+        w = self.windows
+        return w.reopen_s + w.handling_s + max(w.missing_s, w.unstable_s) + 3600
+
     def _load(self) -> None:
-        for r in self.store.query("SELECT agent, boot, seq, ts, kind, payload FROM evidence ORDER BY id"):
+        row = self.store.query("SELECT max(ts) AS ts FROM evidence")[0]
+        if row["ts"] is None:
+            return
+        latest = ts_seconds(row["ts"])
+        since = latest - self.horizon_s
+        for inc in self.store.query("SELECT min(opened_at) AS t FROM incidents WHERE status != 'withdrawn'"):
+            if inc["t"] is not None:
+                since = min(since, ts_seconds(inc["t"]) - self.windows.handling_s)
+        for r in self.store.query("SELECT agent, boot, seq, ts, kind, payload FROM evidence WHERE ts >= ? "
+                                  "ORDER BY id", (_fmt(since),)):
             payload = json.loads(r["payload"])
             channel = {"event": "events"}.get(r["kind"], r["kind"])
-            msg = Message(Topic("-", r["agent"], channel), payload)
-            ev = evidence_from(msg, r["ts"])
+            ev = evidence_from(Message(Topic("-", r["agent"], channel), payload), r["ts"])
             if ev is not None:
                 self.histories.setdefault(r["agent"], AgentHistory(r["agent"])).add(ev)
             self._advance(r["ts"])
+        self._dirty |= set(self.histories)
 
     def _advance(self, ts: str) -> None:
-        t = parse_ts(ts).timestamp()
+        t = ts_seconds(ts)
         if self.clock is None or t > self.clock:
             self.clock, self.clock_str = t, ts
 
@@ -86,9 +120,16 @@ class Collector:
             log.warning("rejected a message on %s: %s (further %s rejections logged once a minute)",
                         item.topic[:120], exc, exc.reason)
 
+    # ------------------------------------------------------------------ the batch
     def ingest(self, items: list[Inbound]) -> None:
-        """Validate, dedup and store one batch in one transaction, then re-classify."""
-        dirty: set[str] = set()
+        """Validate, dedup and store one batch in one transaction, then classify what changed."""
+        with self.lock:
+            self._ingest(items)
+
+    def _ingest(self, items: list[Inbound]) -> None:
+        host_rows: list[tuple[Any, ...]] = []
+        device_rows: list[tuple[Any, ...]] = []
+        agent_updates: dict[str, dict[str, Any]] = {}
         with self.store.tx() as db:
             for item in items:
                 self.received += 1
@@ -102,28 +143,109 @@ class Collector:
                     continue
                 # A will has no ts: the capture's received_at, else the clock as it stands, else now.
                 stamp = msg.ts or item.stamp or self.clock_str or _fmt(item.received_at)
-                self._store(db, msg, stamp, item.received_at)
                 self._advance(stamp)
-                self.last_lag = max(0.0, item.received_at - parse_ts(stamp).timestamp())
-                if self._feed(msg, stamp):
-                    dirty.add(msg.agent)
+                self.last_lag = max(0.0, item.received_at - ts_seconds(stamp))
+                upd = agent_updates.setdefault(msg.agent, {})
+                if upd.get("last_seen") is None or stamp > upd["last_seen"]:
+                    upd["last_seen"] = stamp
+                if msg.kind == "telemetry":
+                    self._telemetry(db, msg, stamp, item.received_at, host_rows, device_rows, upd)
+                else:
+                    self._evidence(db, msg, stamp, item.received_at)
+                    self._events_since_telemetry.add(msg.agent)
+                    if msg.kind == "state":
+                        p = msg.payload
+                        upd.update(state=p["state"], reason=p.get("reason"), boot=msg.boot)
+                        for k in ("hostname", "version", "platform"):
+                            if p.get(k) is not None:
+                                upd[k] = p[k]
+                        if isinstance(p.get("labels"), dict):
+                            upd["labels"] = dumps(p["labels"])
+                    elif msg.kind == "inventory":
+                        upd["inventory"] = dumps(msg.payload["devices"])
                 self.stored += 1
+            SqliteStore.add_samples(db, host_rows, device_rows)
+            for agent, upd in agent_updates.items():
+                self._update_agent(db, agent, upd)
             dead = db.execute("SELECT max(id) FROM dead_letter").fetchone()[0]
             if dead and dead > self.dead_letter_max:
                 db.execute("DELETE FROM dead_letter WHERE id <= ?", (dead - self.dead_letter_max,))
-        if self.timeseries is not None:
-            self.timeseries.flush_pending()
         if self.clock is not None:
-            dirty |= {a for a, end in self.deadlines.items() if self.clock > end}
-        for agent in dirty:
-            self.classify(agent)
+            self._dirty |= {a for a, end in self.deadlines.items() if self.clock > end}
+        if time.monotonic() - self._last_classify >= self.classify_every_s:
+            self.classify_dirty()
 
-    def _feed(self, msg: Message, stamp: str) -> bool:
+    def _update_agent(self, db: Any, agent: str, upd: dict[str, Any]) -> None:
+        db.execute("INSERT OR IGNORE INTO agents (agent) VALUES (?)", (agent,))
+        last = upd.pop("last_seen")
+        values = [dumps(v) if isinstance(v, dict | list) else v for v in upd.values()]
+        sets = ", ".join(f"{k} = ?" for k in upd)
+        db.execute(f"UPDATE agents SET {sets + ', ' if sets else ''}last_seen = max(coalesce(last_seen, ''), ?) "
+                   "WHERE agent = ?", (*values, last, agent))
+
+    def _evidence(self, db: Any, msg: Message, stamp: str, received_at: float) -> None:
+        p = msg.payload
+        kind = msg.kind
+        etype = p.get("type", kind) if kind == "event" else kind
+        dev = p.get("device") if isinstance(p.get("device"), dict) else None
+        stored = p if "ts" in p else {**p, "ts": stamp}
+        seq = msg.seq if msg.seq is not None else -1
+        db.execute("INSERT INTO evidence (agent, boot, seq, ts, kind, type, device, payload, received_at) "
+                   "VALUES (?,?,?,?,?,?,?,?,?)",
+                   (msg.agent, msg.boot, seq, stamp, kind, etype, dev["key"] if dev else None, dumps(stored),
+                    _fmt(received_at)))
+        self._feed(msg, stamp)
+
+    def _telemetry(self, db: Any, msg: Message, stamp: str, received_at: float, host_rows: list[tuple[Any, ...]],
+                   device_rows: list[tuple[Any, ...]], upd: dict[str, Any]) -> None:
+        p = msg.payload
+        t = ts_seconds(stamp)
+        host = p.get("host") if isinstance(p.get("host"), dict) else {}
+        host_rows.append((t, msg.agent, *(_num(host.get(k)) for k in HOST_METRICS)))
+        for d in p["devices"]:
+            device_rows.append((t, msg.agent, d["key"], _flag(d.get("present")), _flag(d.get("in_use")),
+                                _num(d.get("errors_total")), _num(d.get("resets_total")),
+                                SPEED_RANK.get(d.get("speed", ""))))
+        upd["host"] = host  # serialised once per batch, in _update_agent
+        upd["devices"] = p["devices"]
+        if self.timeseries is not None:
+            rows = [(t, msg.agent, "_host", k, v) for k in HOST_METRICS if (v := _num(host.get(k))) is not None]
+            for r in device_rows[-len(p["devices"]):] if p["devices"] else []:
+                rows += [(t, msg.agent, r[2], k, float(v)) for k, v in
+                         zip(("present", "in_use", "errors_total", "resets_total", "speed_rank"), r[3:], strict=True)
+                         if v is not None]
+            self.timeseries.add(msg.agent, rows, *self._labels(db, msg.agent))
+        present = frozenset(d["key"] for d in p["devices"] if d.get("present") is True)
+        if present and (present != self._present.get(msg.agent) or msg.agent in self._events_since_telemetry):
+            # evidence only when it can say something new: a device seen again
+            self._present[msg.agent] = present
+            self._events_since_telemetry.discard(msg.agent)
+            slim = {"v": 1, "agent": msg.agent, "boot": msg.boot, "seq": msg.seq, "ts": stamp, "kind": "telemetry",
+                    "devices": [{"key": k, "present": True} for k in sorted(present)]}
+            db.execute("INSERT INTO evidence (agent, boot, seq, ts, kind, type, device, payload, received_at) "
+                       "VALUES (?,?,?,?,?,?,?,?,?)", (msg.agent, msg.boot, msg.seq, stamp, "telemetry", "telemetry",
+                                                      None, dumps(slim), _fmt(received_at)))
+            self._feed(Message(msg.topic, slim), stamp)
+
+    def _feed(self, msg: Message, stamp: str) -> None:
         ev = evidence_from(msg, stamp)
         if ev is None:
-            return False
+            return
         hist = self.histories.setdefault(msg.agent, AgentHistory(msg.agent))
-        return hist.add(ev)
+        if hist.add(ev):
+            self._dirty.add(msg.agent)
+
+    # ------------------------------------------------------------------ classification
+    def classify_dirty(self) -> None:
+        with self.lock:
+            self._last_classify = time.monotonic()
+            dirty, self._dirty = self._dirty, set()
+            for agent in dirty:
+                self.classify(agent)
+
+    @property
+    def has_dirty(self) -> bool:
+        return bool(self._dirty)
 
     def classify(self, agent: str) -> list[str]:
         hist = self.histories.get(agent)
@@ -131,71 +253,28 @@ class Collector:
             return []
         rank = hist.boot_rank()
         pending: list[float] = []
-        computed = [(inc, rank) for inc in evaluate(hist, self.clock, self.windows, pending)]
+        incidents = evaluate(hist, self.clock, self.windows, pending)
         if pending:
             self.deadlines[agent] = min(pending)
         else:
             self.deadlines.pop(agent, None)
-        return self.book.sync(agent, computed, self.clock_str or "")
+        w = self.windows
+        needed = [i.first.ts for i in incidents if i.resolved_ts is None or i.resolved_ts + w.reopen_s >= self.clock]
+        self.keep_from[agent] = min([self.clock - self.horizon_s, *(t - w.handling_s for t in needed)])
+        since = hist.items[0].ts if hist.items else None  # older incidents are out of the evaluated window
+        return self.book.sync(agent, [(inc, rank) for inc in incidents], self.clock_str or "", since)
 
     def tick(self) -> None:
-        """Re-classify every agent: windows elapse as the clock moves."""
-        for agent in list(self.histories):
-            self.classify(agent)
+        """Classify everything pending and forget evidence no decision can need any more."""
+        with self.lock:
+            self._dirty |= set(self.histories)
+            self.classify_dirty()
+            for agent, before in self.keep_from.items():
+                hist = self.histories.get(agent)
+                if hist is not None:
+                    hist.prune(before)
 
-    def _store(self, db: Any, msg: Message, stamp: str, received_at: float) -> None:
-        p = msg.payload
-        kind = msg.kind
-        seq = msg.seq if msg.seq is not None else -1
-        rec = _fmt(received_at)
-        if kind == "telemetry":
-            t = parse_ts(stamp).timestamp()
-            rows = [(t, msg.agent, "_host", k, float(v)) for k, v in (p.get("host") or {}).items()
-                    if isinstance(v, int | float) and not isinstance(v, bool)]
-            for d in p["devices"]:
-                for k in ("present", "in_use"):
-                    if isinstance(d.get(k), bool):
-                        rows.append((t, msg.agent, d["key"], k, 1.0 if d[k] else 0.0))
-                for k in ("errors_total", "resets_total"):
-                    if isinstance(d.get(k), int | float) and not isinstance(d.get(k), bool):
-                        rows.append((t, msg.agent, d["key"], k, float(d[k])))
-                if d.get("speed") in SPEED_RANK:
-                    rows.append((t, msg.agent, d["key"], "speed_rank", float(SPEED_RANK[d["speed"]])))
-            SqliteStore.add_samples(db, rows)
-            if self.timeseries is not None:
-                self.timeseries.add(msg.agent, rows, *self._labels(db, msg.agent))
-            present = [{"key": d["key"], "present": True} for d in p["devices"] if d.get("present") is True]
-            if present:
-                db.execute("INSERT INTO evidence (agent, boot, seq, ts, kind, type, device, payload, received_at) "
-                           "VALUES (?,?,?,?,?,?,?,?,?)",
-                           (msg.agent, msg.boot, seq, stamp, kind, kind, None,
-                            dumps({**{k: p[k] for k in ("v", "agent", "boot", "kind")}, "seq": seq, "ts": stamp,
-                                   "devices": present}), rec))
-            db.execute("UPDATE agents SET host = ?, devices = ?, last_seen = max(coalesce(last_seen, ''), ?) "
-                       "WHERE agent = ?", (dumps(p.get("host") or {}), dumps(p["devices"]), stamp, msg.agent))
-            if db.execute("SELECT changes()").fetchone()[0] == 0:
-                db.execute("INSERT INTO agents (agent, host, devices, last_seen) VALUES (?,?,?,?)",
-                           (msg.agent, dumps(p.get("host") or {}), dumps(p["devices"]), stamp))
-            return
-        etype = p.get("type", kind) if kind == "event" else kind
-        dev = p.get("device") if isinstance(p.get("device"), dict) else None
-        stored_payload = dict(p)
-        stored_payload.setdefault("ts", stamp)
-        db.execute("INSERT INTO evidence (agent, boot, seq, ts, kind, type, device, payload, received_at) "
-                   "VALUES (?,?,?,?,?,?,?,?,?)",
-                   (msg.agent, msg.boot, seq, stamp, kind, etype, dev["key"] if dev else None, dumps(stored_payload),
-                    rec))
-        db.execute("INSERT OR IGNORE INTO agents (agent) VALUES (?)", (msg.agent,))
-        db.execute("UPDATE agents SET last_seen = max(coalesce(last_seen, ''), ?) WHERE agent = ?", (stamp, msg.agent))
-        if kind == "state":
-            db.execute("UPDATE agents SET state=?, reason=?, boot=?, hostname=coalesce(?, hostname), "
-                       "version=coalesce(?, version), platform=coalesce(?, platform), labels=coalesce(?, labels) "
-                       "WHERE agent=?",
-                       (p["state"], p.get("reason"), msg.boot, p.get("hostname"), p.get("version"), p.get("platform"),
-                        dumps(p["labels"]) if isinstance(p.get("labels"), dict) else None, msg.agent))
-        elif kind == "inventory":
-            db.execute("UPDATE agents SET inventory = ? WHERE agent = ?", (dumps(p["devices"]), msg.agent))
-
+    # ------------------------------------------------------------------ helpers
     def _labels(self, db: Any, agent: str) -> tuple[dict[str, str], dict[str, str]]:
         """The agent's labels (unit, room) and the kind of each device in its inventory."""
         row = db.execute("SELECT labels, inventory FROM agents WHERE agent = ?", (agent,)).fetchone()
@@ -210,6 +289,3 @@ class Collector:
         return {"received": self.received, "stored": self.stored, "duplicates": self.duplicates,
                 "rejected": dict(self.rejected), "lag_s": self.last_lag, "dead_letters": dl,
                 "buffer_depth": self.timeseries.buffer_depth() if self.timeseries is not None else 0}
-
-
-__all__ = ["KIND_OF_CHANNEL", "Collector", "Inbound"]

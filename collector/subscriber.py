@@ -88,6 +88,8 @@ class Subscriber:
             try:
                 first = self.q.get(timeout=0.2)
             except queue.Empty:
+                if self.collector.has_dirty:
+                    self.collector.classify_dirty()  # the stream went quiet: decide now
                 continue
             items = [first]
             while len(items) < self.batch:

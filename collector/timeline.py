@@ -87,6 +87,13 @@ class AgentHistory:
         self._sorted = False
         return True
 
+    def prune(self, before: float) -> int:
+        """Forget evidence older than ``before`` (boot order is kept); returns how many went."""
+        keep = [e for e in self.items if e.ts >= before]
+        gone = len(self.items) - len(keep)
+        self.items = keep
+        return gone
+
     def seen(self, boot: str, seq: int) -> bool:
         return (boot, seq) in self._seen
 

@@ -34,9 +34,9 @@ def test_state_inventory_and_telemetry_land_in_sqlite(tmp_path: Path, mosquitto:
                    30, what="state online in the collector's SQLite file")
         inv = wait_until(lambda: db_rows(db, "SELECT inventory FROM agents WHERE inventory IS NOT NULL"), 10)
         assert sorted(d["key"] for d in json.loads(inv[0][0])) == [CAM_KEY, "0b0e:2456@1-3.1"]
-        wait_until(lambda: db_rows(db, "SELECT 1 FROM samples WHERE metric='cpu_pct'"), 15, what="telemetry")
-        assert db_rows(db, "SELECT count(*) FROM samples WHERE device=? AND metric='present' AND value=1",
-                       (CAM_KEY,))[0][0] >= 1
+        wait_until(lambda: db_rows(db, "SELECT 1 FROM host_samples WHERE cpu_pct IS NOT NULL"), 15,
+                   what="telemetry")
+        assert db_rows(db, "SELECT count(*) FROM device_samples WHERE device=? AND present=1", (CAM_KEY,))[0][0] >= 1
         with urllib.request.urlopen(http + "/api/agents", timeout=5) as r:
             [api] = json.load(r)
         assert (api["agent"], api["state"], api["labels"]) == ("room-1", "online", {"unit": "setjen", "room": "r1"})

@@ -26,10 +26,12 @@ MIGRATIONS: list[str] = [
                            ts TEXT NOT NULL, kind TEXT NOT NULL, type TEXT NOT NULL, device TEXT,
                            payload TEXT NOT NULL, received_at TEXT NOT NULL);
     CREATE INDEX evidence_agent ON evidence (agent, id);
-    CREATE TABLE samples (ts REAL NOT NULL, agent TEXT NOT NULL, device TEXT NOT NULL, metric TEXT NOT NULL,
-                          value REAL NOT NULL);
-    CREATE INDEX samples_ts ON samples (ts);
-    CREATE INDEX samples_series ON samples (agent, device, metric, ts);
+    CREATE TABLE host_samples (ts REAL NOT NULL, agent TEXT NOT NULL, cpu_pct REAL, mem_pct REAL, disk_pct REAL,
+                               uptime_s REAL, temp_c REAL);
+    CREATE INDEX host_samples_series ON host_samples (agent, ts);
+    CREATE TABLE device_samples (ts REAL NOT NULL, agent TEXT NOT NULL, device TEXT NOT NULL, present INTEGER,
+                                 in_use INTEGER, errors_total REAL, resets_total REAL, speed_rank INTEGER);
+    CREATE INDEX device_samples_series ON device_samples (agent, device, ts);
     CREATE TABLE rollup (res INTEGER NOT NULL, bucket INTEGER NOT NULL, agent TEXT NOT NULL, device TEXT NOT NULL,
                          metric TEXT NOT NULL, n INTEGER NOT NULL, sum REAL NOT NULL, min REAL NOT NULL,
                          max REAL NOT NULL, PRIMARY KEY (res, agent, device, metric, bucket)) WITHOUT ROWID;
@@ -56,6 +58,9 @@ MIGRATIONS: list[str] = [
 ]
 
 RESOLUTIONS = {300: "5m", 3600: "1h"}
+HOST_METRICS = ("cpu_pct", "mem_pct", "disk_pct", "uptime_s", "temp_c")
+DEVICE_METRICS = ("present", "in_use", "errors_total", "resets_total", "speed_rank")
+_WIDE = (("host_samples", "'_host'", HOST_METRICS), ("device_samples", "device", DEVICE_METRICS))
 
 
 @dataclass(frozen=True)
@@ -113,8 +118,12 @@ class SqliteStore:
         return db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", (agent, boot, seq)).rowcount == 1
 
     @staticmethod
-    def add_samples(db: sqlite3.Connection, rows: list[tuple[float, str, str, str, float]]) -> None:
-        db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?)", rows)
+    def add_samples(db: sqlite3.Connection, host: list[tuple[Any, ...]], devices: list[tuple[Any, ...]]) -> None:
+        """Wide rows: one per telemetry message for the host, one per device."""
+        if host:
+            db.executemany("INSERT INTO host_samples VALUES (?, ?, ?, ?, ?, ?, ?)", host)
+        if devices:
+            db.executemany("INSERT INTO device_samples VALUES (?, ?, ?, ?, ?, ?, ?, ?)", devices)
 
     @staticmethod
     def bump(db: sqlite3.Connection, name: str, by: int = 1) -> None:
@@ -129,28 +138,37 @@ class SqliteStore:
         """Fold raw samples into 5-minute and hourly buckets; drop what is past retention."""
         with self.tx() as db:
             for res in RESOLUTIONS:
-                db.execute(
-                    """INSERT INTO rollup (res, bucket, agent, device, metric, n, sum, min, max)
-                       SELECT ?, CAST(ts / ? AS INTEGER) * ?, agent, device, metric, count(*), sum(value),
-                              min(value), max(value)
-                       FROM samples WHERE ts >= coalesce((SELECT value FROM counters WHERE name = ?), 0)
-                         AND ts < ?
-                       GROUP BY 2, agent, device, metric
-                       ON CONFLICT (res, agent, device, metric, bucket) DO UPDATE SET
-                         n = n + excluded.n, sum = sum + excluded.sum,
-                         min = min(min, excluded.min), max = max(max, excluded.max)""",
-                    (res, res, res, f"rollup_mark_{res}", now // res * res),
-                )
+                mark = db.execute("SELECT value FROM counters WHERE name = ?", (f"rollup_mark_{res}",)).fetchone()
+                lo, hi = (mark[0] if mark else 0), now // res * res
+                for table, device, metrics in _WIDE:
+                    for metric in metrics:
+                        db.execute(
+                            f"""INSERT INTO rollup (res, bucket, agent, device, metric, n, sum, min, max)
+                                SELECT ?, CAST(ts / ? AS INTEGER) * ?, agent, {device}, ?, count({metric}),
+                                       sum({metric}), min({metric}), max({metric})
+                                FROM {table} WHERE ts >= ? AND ts < ? AND {metric} IS NOT NULL
+                                GROUP BY 2, agent, {device}
+                                ON CONFLICT (res, agent, device, metric, bucket) DO UPDATE SET
+                                  n = n + excluded.n, sum = sum + excluded.sum,
+                                  min = min(min, excluded.min), max = max(max, excluded.max)""",
+                            (res, res, res, metric, lo, hi))
                 db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                           (f"rollup_mark_{res}", int(now // res * res)))
-            db.execute("DELETE FROM samples WHERE ts < ?", (now - self.retention.raw_s,))
+                           (f"rollup_mark_{res}", int(hi)))
+            db.execute("DELETE FROM host_samples WHERE ts < ?", (now - self.retention.raw_s,))
+            db.execute("DELETE FROM device_samples WHERE ts < ?", (now - self.retention.raw_s,))
             db.execute("DELETE FROM rollup WHERE res = 300 AND bucket < ?", (now - self.retention.five_min_s,))
             db.execute("DELETE FROM rollup WHERE res = 3600 AND bucket < ?", (now - self.retention.hourly_s,))
 
     def series(self, agent: str, device: str, metric: str, since: float, res: int = 0) -> list[dict[str, Any]]:
+        """One metric over time: raw (res 0) or rolled up (300 or 3600 s). Host metrics use device "_host"."""
         if res == 0:
-            return self.query("SELECT ts, value FROM samples WHERE agent=? AND device=? AND metric=? AND ts>=? "
-                              "ORDER BY ts", (agent, device, metric, since))
+            table, _dev, cols = next(w for w in _WIDE if (w[1] == "'_host'") == (device == "_host"))
+            if metric not in cols:
+                raise ValueError(f"unknown metric {metric!r}")
+            where = "" if device == "_host" else " AND device = ?"
+            args = (agent, since) if device == "_host" else (agent, since, device)
+            return self.query(f"SELECT ts, {metric} AS value FROM {table} WHERE agent=? AND ts>=?{where} "
+                              f"AND {metric} IS NOT NULL ORDER BY ts", args)
         return self.query("SELECT bucket AS ts, sum/n AS value, min, max FROM rollup WHERE res=? AND agent=? "
                           "AND device=? AND metric=? AND bucket>=? ORDER BY bucket",
                           (res, agent, device, metric, since))
