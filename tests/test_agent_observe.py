@@ -72,6 +72,9 @@ def test_kind_rules_and_helpers() -> None:
     assert kind_from_interfaces([(0x01, 2, [0x01])]) == "speaker"
     assert kind_from_interfaces([(0x01, 2, [0x81])]) == "microphone"
     assert kind_from_interfaces([(0x03, 0, [0x81])]) == "other"
+    # async playback: OUT data endpoint plus an IN feedback endpoint (iso, usage type feedback)
+    assert kind_from_interfaces([(0x01, 2, [(0x01, 0x05), (0x81, 0x11)])]) == "speaker"
+    assert kind_from_interfaces([(0x01, 2, [(0x01, 0x05)]), (0x01, 2, [(0x82, 0x05)])]) == "speakerphone"
     assert [max_speed_from_bcd(b) for b in (0x0110, 0x0200, 0x0300, 0x0320, 0)] == [
         "full", "high", "super", "super_plus", None]
     assert port_path(1, (2, 3, 1)) == "1-2.3.1" and port_path(None, ()) is None

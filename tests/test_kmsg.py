@@ -86,6 +86,15 @@ def test_power_reset_and_unrelated_lines() -> None:
     ]
 
 
+def test_lines_recorded_from_the_rig_kernel() -> None:
+    assert sigs("rig-stalled-camera.dmesg") == [
+        (1, "1-1", "usb.new_device", None),
+        (5, "1-1", "video.control_error", -32),
+        (7, "1-1", "video.control_error", -32),
+        (8, "1-1", "video.stream_error", -5),
+    ]
+
+
 def test_kmsg_records_and_continuations() -> None:
     assert sigs("kmsg.records") == [(1, "3-2", "usb.disconnect", None),
                                     (4, "3-2", "usb.enumeration_failed", -71)]

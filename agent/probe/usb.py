@@ -49,18 +49,23 @@ def max_speed_from_bcd(bcd_usb: int | None) -> str | None:
     return "full"
 
 
-def kind_from_interfaces(alts: list[tuple[int, int, list[int]]]) -> str:
-    """camera / speakerphone / speaker / microphone / other from (class, subclass, endpoint addresses).
+def kind_from_interfaces(alts: list[tuple[int, int, list[int | tuple[int, int]]]]) -> str:
+    """camera / speakerphone / speaker / microphone / other from (class, subclass, endpoints).
 
-    Video class 0x0E makes a camera even with audio. Audio streaming (class 0x01,
-    subclass 2) endpoints OUT mean playback, IN mean capture.
+    Endpoints are addresses, or (address, bmAttributes). Video class 0x0E makes a camera even
+    with audio. Audio streaming (class 0x01, subclass 2) data endpoints OUT mean playback, IN
+    mean capture; an isochronous *feedback* endpoint (usage type 01) is neither: an
+    asynchronous playback stream has an IN feedback endpoint beside its OUT data endpoint.
     """
     if any(cls == 0x0E for cls, _, _ in alts):
         return "camera"
     play = cap = False
     for cls, sub, eps in alts:
         if cls == 0x01 and sub == 2:
-            for ep in eps:
+            for e in eps:
+                ep, attrs = e if isinstance(e, tuple) else (e, 0x01)
+                if (attrs & 0x03) == 0x01 and (attrs >> 4) & 0x03 == 0x01:
+                    continue  # isochronous feedback
                 if ep & 0x80:
                     cap = True
                 else:
@@ -125,7 +130,8 @@ def describe(dev: Any, sysfs_root: str = "/sys", failures: list[int] | None = No
             for intf in cfg:
                 if intf.bInterfaceClass == 0x09:
                     return None
-                alts.append((intf.bInterfaceClass, intf.bInterfaceSubClass, [ep.bEndpointAddress for ep in intf]))
+                alts.append((intf.bInterfaceClass, intf.bInterfaceSubClass,
+                             [(ep.bEndpointAddress, ep.bmAttributes) for ep in intf]))
     except (usb.core.USBError, NotImplementedError) as exc:
         log.debug("cannot read configuration of %04x:%04x: %s", dev.idVendor, dev.idProduct, exc)
     ports = tuple(dev.port_numbers) if dev.port_numbers else None

@@ -56,12 +56,17 @@ _RULES: list[tuple[re.Pattern[str], str]] = [
                 rf"|can't read configurations, error (?P<errno>-\d+))"), "usb.enumeration_failed"),
     (re.compile(rf"uvcvideo {_DEV}:[\d.]+: Failed to (?:query|set) .*?control.*?: (?P<errno>-\d+)"),
      "video.control_error"),
+    # Debian 6.1 logs uvcvideo's errors under the USB device's own name
+    (re.compile(rf"usb {_DEV}: Failed to (?:query|set) .*?UVC .*?control.*?: (?P<errno>-\d+)"),
+     "video.control_error"),
+    (re.compile(rf"usb {_DEV}: Failed to (?:initialize the device|resubmit video URB|submit URB|start[\w ]*)"
+                r"(?: \((?P<errno>-\d+)\))?"), "video.stream_error"),
     (re.compile(r"uvcvideo: Failed to (?:query|set) .*?control.*?: (?P<errno>-\d+)"), "video.control_error"),
     (re.compile(rf"uvcvideo {_DEV}:[\d.]+: Non-zero status \((?P<errno>-(?:71|84|75))\) in"), "usb.protocol_error"),
     (re.compile(r"uvcvideo: Non-zero status \((?P<errno>-(?:71|84|75))\) in"), "usb.protocol_error"),
     (re.compile(rf"uvcvideo {_DEV}:[\d.]+: (?:Non-zero status \((?P<errno>-\d+)\) in|Failed to (?:resubmit|submit) "
-                r"(?:video )?URB|Failed to initialize the device|Failed to start|Failed to set up)"),
-     "video.stream_error"),
+                r"(?:video )?URB|Failed to initialize the device(?: \((?P<errno2>-\d+)\))?|Failed to start"
+                r"|Failed to set up)"), "video.stream_error"),
     (re.compile(r"uvcvideo: (?:Non-zero status \((?P<errno>-\d+)\) in|Failed to (?:resubmit|submit) (?:video )?URB"
                 r"|Failed to initialize the device(?: \((?P<errno2>-\d+)\))?)"), "video.stream_error"),
     (re.compile(rf"usb {_DEV}: [\d:]+ ?usb_set_interface failed \((?P<errno>-\d+)\)"), "audio.stream_error"),

@@ -49,12 +49,19 @@ if [ ! -f root/.pantau-ready ]; then
   touch root/.pantau-ready
 fi
 
+if [ ! -f root/opt/pantau-py/.pantau-ready ]; then
+  log "installing the agent's Python packages for the guest"
+  rm -rf root/opt/pantau-py && mkdir -p root/opt/pantau-py
+  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --target root/opt/pantau-py --no-compile pyusb psutil paho-mqtt >&2
+  touch root/opt/pantau-py/.pantau-ready
+fi
+
 if [ ! -f initrd.img ]; then
   log "building the initramfs"
   rm -rf initrd && mkdir -p initrd/{bin,dev,proc,sys,newroot,lib/modules}
   cp "$(command -v busybox)" initrd/bin/busybox
-  for m in netfs fscache 9pnet 9pnet_virtio 9p virtio virtio_ring virtio_pci virtio_pci_modern_dev \
-           virtio_pci_legacy_dev; do
+  for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci netfs fscache 9pnet \
+           9pnet_virtio 9p; do
     f=$(find kernel/lib/modules/"$kv" -name "$m.ko*" | head -1 || true)
     [ -n "$f" ] && cp "$f" initrd/lib/modules/
   done
@@ -62,11 +69,14 @@ if [ ! -f initrd.img ]; then
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p; do
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p; do
   for f in /lib/modules/$m.ko*; do [ -e "$f" ] || continue
     case "$f" in *.xz) xz -dc "$f" > /tmp.ko; insmod /tmp.ko; rm -f /tmp.ko;; *) insmod "$f";; esac; done
 done
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=loose,msize=262144 rootfs /newroot || exec sh
+mkdir -p /newroot/pantau
+# the checkout, uncached: host edits are visible at once
+mount -t 9p -o trans=virtio,version=9p2000.L,cache=none,msize=262144 pantau /newroot/pantau || exec sh
 umount /proc /sys; mount --move /dev /newroot/dev 2>/dev/null || true
 exec switch_root /newroot /pantau/tests/rig/guest-init
 INIT

@@ -1,0 +1,187 @@
+"""The host side of the QEMU USB rig: prepare (cached), boot, talk to the guest, plug things.
+
+A QEMU guest (software emulation) runs Debian's own kernel; configfs gadgets (a UVC camera, a
+UAC2 speakerphone) are bound to usbip-vudc and plugged into the *same* kernel through vhci-hcd
+over USB/IP loopback, so the guest's kernel enumerates them as real USB devices. The checkout
+is shared into the guest over 9p; the guest reaches the host's 127.0.0.1 as 10.0.2.2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+CHECKOUT = HERE.parent.parent
+
+
+class RigUnavailable(RuntimeError):
+    """The machine cannot run the rig (not root, no QEMU, no package mirror)."""
+
+
+def prepare() -> Path:
+    if os.geteuid() != 0:
+        raise RigUnavailable("the QEMU USB rig needs root (apt-get, debootstrap, 9p passthrough)")
+    p = subprocess.run(["bash", str(HERE / "prepare.sh")], capture_output=True, text=True, timeout=1200)
+    if p.returncode != 0:
+        raise RigUnavailable(f"preparing the rig failed: {p.stderr.strip().splitlines()[-1:]}")
+    return Path(p.stdout.strip().splitlines()[-1])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Rig:
+    def __init__(self, cache: Path, workdir: Path) -> None:
+        self.cache, self.workdir = cache, workdir
+        self.port = _free_port()
+        self.console = workdir / "console.log"
+        kv = cache.name
+        args = [
+            "qemu-system-x86_64", "-accel", "tcg", "-m", "1536", "-smp", "2", "-nographic", "-no-reboot",
+            "-kernel", str(cache / "kernel" / "boot" / f"vmlinuz-{kv}"), "-initrd", str(cache / "initrd.img"),
+            "-append", "console=ttyS0 net.ifnames=0 panic=-1 loglevel=4",
+            "-fsdev", f"local,id=root,path={cache / 'root'},security_model=passthrough",
+            "-device", "virtio-9p-pci,fsdev=root,mount_tag=rootfs",
+            "-fsdev", f"local,id=src,path={CHECKOUT},security_model=none",
+            "-device", "virtio-9p-pci,fsdev=src,mount_tag=pantau",
+            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.port}-10.0.2.15:7000",
+            "-device", "virtio-net-pci,netdev=n0",
+            "-serial", f"file:{self.console}", "-monitor", "none", "-display", "none",
+        ]
+        if shutil.which("qemu-system-x86_64") is None:
+            raise RigUnavailable("qemu-system-x86_64 is not installed")
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=open(workdir / "qemu.log", "wb"))  # noqa: SIM115
+        self.sock: socket.socket | None = None
+        self.booted_s = self._connect(timeout=180)
+
+    def _connect(self, timeout: float) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"QEMU exited: {self.console.read_text(errors='replace')[-2000:]}")
+            try:
+                s = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+                s.settimeout(120)
+                self.sock, self.reader = s, s.makefile("rb")
+                if self.call({"cmd": "sh", "script": "true"}).get("rc") == 0:
+                    return time.monotonic() - t0
+            except (OSError, ValueError):
+                time.sleep(0.5)
+        raise RuntimeError(f"the guest did not come up in {timeout:.0f} s: "
+                           f"{self.console.read_text(errors='replace')[-2000:]}")
+
+    def call(self, req: dict[str, Any]) -> dict[str, Any]:
+        assert self.sock is not None
+        self.sock.sendall(json.dumps(req).encode() + b"\n")
+        line = self.reader.readline()
+        if not line:
+            raise ConnectionError("the guest closed the command channel")
+        return json.loads(line)
+
+    def sh(self, script: str, timeout: float = 60, check: bool = True) -> str:
+        r = self.call({"cmd": "sh", "script": script, "timeout": timeout})
+        if "error" in r or (check and r["rc"] != 0):
+            raise RuntimeError(f"guest command failed: {script!r}: {r}")
+        return str(r.get("out", ""))
+
+    def spawn(self, name: str, script: str, log: str | None = None, env: dict[str, str] | None = None) -> int:
+        r = self.call({"cmd": "spawn", "name": name, "script": script, "log": log or f"/tmp/{name}.log",
+                       "env": env or {}})
+        return int(r["pid"])
+
+    def kill(self, name: str, sig: int = 15) -> Any:
+        return self.call({"cmd": "kill", "name": name, "signal": sig}).get("rc")
+
+    def dmesg(self) -> str:
+        return self.sh("dmesg")
+
+    def close(self) -> None:
+        try:
+            if self.sock is not None:
+                self.sh("sync; echo o > /proc/sysrq-trigger", timeout=5, check=False)
+        except (OSError, RuntimeError, ValueError):
+            pass
+        if self.sock is not None:
+            self.sock.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Gadget:
+    """One gadget device of the rig: plug, unplug, open (as a meeting app would), break."""
+
+    def __init__(self, rig: Rig, name: str, udc: str, vid_pid: str, serial: str) -> None:
+        self.rig, self.name, self.udc, self.vid_pid, self.serial = rig, name, udc, vid_pid, serial
+        self.holder: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.vid_pid}:{self.serial}"
+
+    def vhci_port(self) -> str | None:
+        out = self.rig.sh("usbip port 2>/dev/null", check=False)
+        for m in re.finditer(r"^Port (\d+):(.*?)(?=^Port \d+:|\Z)", out, re.S | re.M):
+            if f"/{self.udc}" in m.group(2):
+                return m.group(1)
+        return None
+
+    def plug(self) -> None:
+        self.rig.sh(f"usbip attach -r 127.0.0.1 -d {self.udc}")
+
+    def unplug(self) -> None:
+        port = self.vhci_port()
+        if port is None:
+            raise RuntimeError(f"{self.name} is not plugged")
+        self.rig.sh(f"usbip detach -p {port}")
+
+    def usb_path(self) -> str | None:
+        """The kernel's name for the attached device (its port path, e.g. 3-1)."""
+        out = self.rig.sh(f"grep -l '^{self.serial}$' /sys/bus/usb/devices/*/serial 2>/dev/null || true")
+        for line in out.split():
+            name = line.split("/")[-2]
+            if re.match(r"^\d+-[\d.]+$", name):
+                return name
+        return None
+
+    def nodes(self) -> list[str]:
+        port = self.usb_path()
+        if port is None:
+            return []
+        out = self.rig.sh(f"for d in /sys/class/video4linux/video* /sys/class/sound/pcmC*; do "
+                          f"[ -e $d/device ] || continue; case $(readlink -f $d/device) in */{port}:*) "
+                          f"echo /dev/${{d##*/}} | sed 's|/dev/pcm|/dev/snd/pcm|';; esac; done")
+        return out.split()
+
+    def open(self, process_name: str = "zoom") -> str:
+        """A guest process named ``process_name`` holds the device's first node open."""
+        nodes = self.nodes()
+        if not nodes:
+            raise RuntimeError(f"{self.name} has no device node to open")
+        self.holder = f"hold-{self.name}"
+        exe = f"/tmp/{process_name}"  # the kernel names a process after its executable
+        self.rig.sh(f"cp -f $(readlink -f /usr/bin/python3) {exe}")
+        self.rig.spawn(self.holder, f"{exe} -c \"import os,time; os.open('{nodes[0]}', os.O_RDONLY); "
+                                    f"time.sleep(3600)\"")
+        self.rig.sh(f"for i in $(seq 50); do ls -l /proc/*/fd 2>/dev/null | grep -q '{nodes[0]}' && exit 0; "
+                    f"sleep 0.1; done; exit 1")
+        return nodes[0]
+
+    def close_holder(self) -> None:
+        if self.holder:
+            self.rig.kill(self.holder)
+            self.holder = None

@@ -1,0 +1,169 @@
+"""The real agent on a real Linux kernel (QEMU rig, tests/rig): a gadget UVC camera and a UAC2
+speakerphone are enumerated by the guest's own kernel; the agent inside the guest publishes to
+a Mosquitto on this host; every assertion is on what reached the broker.
+
+When the machine cannot run the rig (not root, no QEMU, no package mirror), the tests are
+skipped with one line saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Mosquitto
+from tests.procs import Recorder, wait_until
+from tests.rig.rig import Gadget, Rig, RigUnavailable, prepare
+
+pytestmark = pytest.mark.rig
+AGENT = "rig-room"
+
+
+class Room:
+    def __init__(self, rig: Rig, broker: Mosquitto) -> None:
+        self.rig, self.broker = rig, broker
+        self.camera = Gadget(rig, "camera", "usbip-vudc.0", "1209:0001", "PANTAU-CAM-1")
+        self.speaker = Gadget(rig, "speaker", "usbip-vudc.1", "1209:0002", "PANTAU-SPK-1")
+        self.rec = Recorder(broker.port, client_id="rig-recorder")
+
+    def set_camera_mode(self, mode: str) -> None:
+        self.rig.sh(f"echo {mode} > /tmp/uvc-mode")
+
+    def events(self, etype: str, key: str, after: int = 0) -> list[dict[str, Any]]:
+        return [e for e in self.rec.events(etype)[after:] if e.get("device", {}).get("key") == key]
+
+
+@pytest.fixture(scope="session")
+def room() -> Iterator[Room]:
+    try:
+        cache = prepare()
+    except RigUnavailable as exc:
+        pytest.skip(f"USB rig not run: {exc}")
+    work = Path(tempfile.mkdtemp(prefix="pantau-rig-"))
+    t0 = time.monotonic()
+    rig = Rig(cache, work)
+    broker = Mosquitto().start()
+    try:
+        rig.sh("sh /pantau/tests/rig/gadgets.sh camera && sh /pantau/tests/rig/gadgets.sh speaker")
+        rig.sh("echo ok > /tmp/uvc-mode")
+        rig.spawn("uvc", "python3 -u /pantau/tests/rig/uvc_responder.py")
+        rig.sh("for i in $(seq 50); do grep -q subscribed /tmp/uvc.log && exit 0; sleep 0.1; done; exit 1")
+        rig.sh("usbipd --device -D")
+        r = Room(rig, broker)
+        r.camera.plug()
+        r.speaker.plug()
+        rig.sh("for i in $(seq 100); do [ -e /dev/video1 ] && ls /dev/snd/pcmC1D0p >/dev/null 2>&1 && exit 0; "
+               "sleep 0.2; done; exit 1", timeout=40)
+        rig.spawn("agent", "python3 -m agent.cli run", env={
+            "PYTHONPATH": "/pantau:/opt/pantau-py", "PYTHONDONTWRITEBYTECODE": "1", "PANTAU_AGENT_ID": AGENT,
+            "PANTAU_BROKER": f"mqtt://10.0.2.2:{broker.port}", "PANTAU_STATE_DIR": "/tmp/agent-state",
+            "PANTAU_KERNEL_LOG": "/dev/kmsg", "PANTAU_POLL_S": "0.5", "PANTAU_TELEMETRY_S": "5",
+            "PANTAU_USB_BACKEND": "libusb", "PANTAU_RECONNECT_MAX_S": "2"})
+        wait_until(lambda: r.rec.of("inventory"), 90, what="the agent's first inventory")
+        print(f"\nrig: guest booted in {rig.booted_s:.1f} s; ready with agent in {time.monotonic() - t0:.1f} s")
+        yield r
+    finally:
+        try:
+            log = rig.sh("cat /tmp/agent.log /tmp/uvc.log 2>/dev/null | tail -40", check=False)
+            (work / "guest-logs.txt").write_text(log)
+        except Exception:
+            pass
+        rig.close()
+        broker.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_inventory_lists_camera_and_speakerphone(room: Room) -> None:
+    inv = wait_until(lambda: [i for i in room.rec.of("inventory") if len(i["devices"]) >= 2], 30)[-1]
+    devices = {d["key"]: d for d in inv["devices"]}
+    cam, spk = devices[room.camera.key], devices[room.speaker.key]
+    assert (cam["kind"], cam["vid"], cam["pid"], cam["serial"]) == ("camera", "1209", "0001", "PANTAU-CAM-1")
+    assert (spk["kind"], spk["vid"], spk["pid"], spk["serial"]) == ("speakerphone", "1209", "0002", "PANTAU-SPK-1")
+    assert cam["port"] == room.camera.usb_path() and spk["port"] == room.speaker.usb_path()
+    assert cam["speed"] == spk["speed"] == "high"
+    assert cam["product"] == "Pantau Rig Camera" and cam["vendor"] == "Pantau Rig"
+
+
+def test_unplug_and_replug(room: Room) -> None:
+    key = room.camera.key
+    n_det, n_att = len(room.events("device.detached", key)), len(room.events("device.attached", key))
+    t = time.monotonic()
+    room.camera.unplug()
+    wait_until(lambda: len(room.events("device.detached", key)) > n_det, 30, interval=0.05)
+    detach_s = time.monotonic() - t
+    t = time.monotonic()
+    room.camera.plug()
+    wait_until(lambda: len(room.events("device.attached", key)) > n_att, 30, interval=0.05)
+    attach_s = time.monotonic() - t
+    print(f"\nrig: unplug -> device.detached at the broker in {detach_s:.2f} s; "
+          f"replug -> device.attached in {attach_s:.2f} s")
+    assert detach_s <= 3.0
+    ev = room.events("device.detached", key)[-1]
+    assert ev["context"]["in_use"] is False and ev["device"]["port"] == room.camera.usb_path()
+
+
+def test_unplug_while_a_meeting_app_holds_the_camera(room: Room) -> None:
+    key = room.camera.key
+    wait_until(lambda: room.camera.nodes(), 30, what="the camera's /dev/video node")
+    node = room.camera.open("zoom")
+    assert node.startswith("/dev/video")
+    wait_until(lambda: [e for e in room.events("device.usage", key) if e["context"]["in_use"]], 15,
+               what="device.usage in_use")
+    n = len(room.events("device.detached", key))
+    room.camera.unplug()
+    ev = wait_until(lambda: room.events("device.detached", key)[n:], 30)[0]
+    assert ev["context"]["in_use"] is True and "zoom" in ev["context"]["users"]
+    room.camera.close_holder()
+    room.camera.plug()
+    wait_until(lambda: room.camera.nodes(), 30)
+
+
+def test_stalled_camera_errors_come_from_the_kernel(room: Room) -> None:
+    key = room.camera.key
+    n = len(room.events("device.error", key))
+    room.set_camera_mode("stall")
+    try:
+        room.camera.unplug()
+        time.sleep(1.0)
+        room.camera.plug()
+        errors = wait_until(lambda: [e for e in room.events("device.error", key)[n:]
+                                     if e["error"]["code"] in ("video.control_error", "video.stream_error")], 30)
+        time.sleep(2.0)
+        errors = [e for e in room.events("device.error", key)[n:]]
+        codes = {e["error"]["code"] for e in errors}
+        # the probe stall (-32) and the failed initialisation (-5) that follows it
+        assert {"video.control_error", "video.stream_error"} <= codes
+        assert all(e["error"]["source"] == "kernel" and e["device"]["port"] == room.camera.usb_path()
+                   for e in errors)
+        control = [e for e in errors if e["error"]["code"] == "video.control_error"]
+        assert all("Failed to query" in e["error"]["message"] and e["error"]["errno"] == -32 for e in control)
+        assert sum(e["error"]["count"] for e in control) >= 2  # unit controls and the probe control
+        stream = [e for e in errors if e["error"]["code"] == "video.stream_error"]
+        assert stream[0]["error"]["errno"] == -5 and "initialize" in stream[0]["error"]["message"]
+    finally:
+        room.set_camera_mode("ok")
+        room.camera.unplug()
+        time.sleep(1.0)
+        room.camera.plug()
+        wait_until(lambda: room.camera.nodes(), 30)
+
+
+def test_once_matches_lsusb(room: Room) -> None:
+    snap = json.loads(room.rig.sh("cd /pantau && PYTHONPATH=/pantau:/opt/pantau-py PYTHONDONTWRITEBYTECODE=1 "
+                                  "PANTAU_AGENT_ID=rig-once python3 -m agent.cli once", timeout=60))
+    lsusb = room.rig.sh("lsusb")
+    listed = {line.split("ID ")[1][:9] for line in lsusb.splitlines() if "ID " in line}
+    non_hubs = {v for v in listed if not v.startswith("1d6b:")}
+    assert {f"{d['vid']}:{d['pid']}" for d in snap["devices"]} == non_hubs == {"1209:0001", "1209:0002"}
+    for d in snap["devices"]:
+        verbose = room.rig.sh(f"lsusb -v -d {d['vid']}:{d['pid']} 2>/dev/null", check=False)
+        assert d["serial"] in verbose and d["product"] in verbose
+        [line] = [ln for ln in lsusb.splitlines() if f"ID {d['vid']}:{d['pid']}" in ln]
+        assert line.startswith(f"Bus {int(d['port'].split('-')[0]):03d} ")  # the same bus as the port path
