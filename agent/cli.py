@@ -52,6 +52,7 @@ def _run(cfg: AgentConfig) -> int:
 
     def stop(signum: int, frame: object) -> None:
         agent.stop_event.set()
+        agent.wake.set()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -95,6 +95,7 @@ class Agent:
         self.suspend = SuspendDetector(threshold_s=max(5.0, cfg.poll_s * 2))
         self.session = Session(cfg, self.boot, self.outbox, self._on_connected)
         self.stop_event = threading.Event()
+        self.wake = threading.Event()  # set by the udev monitor on a USB add/remove
 
     def _next_seq(self) -> int:
         with self._seq_lock:
@@ -156,6 +157,10 @@ class Agent:
         self.watcher.start(first.devices, first.usage)
         self.emit({"type": "agent.started", "context": {"host_boot": host_boot_ts(), "version": __version__}})
         self._inventory_dirty = False
+        if self.cfg.usb_backend == "libusb":
+            from agent.probe.udev import start_usb_monitor
+
+            start_usb_monitor(self.wake)
         self.session.start()
         next_tel = time.monotonic() + 1.0
         was_connected = False
@@ -174,7 +179,11 @@ class Agent:
             if time.monotonic() >= next_tel:
                 self.telemetry()
                 next_tel = time.monotonic() + self.cfg.telemetry_s
-            self.stop_event.wait(self.cfg.poll_s)
+            if self.wake.wait(self.cfg.poll_s):
+                self.wake.clear()
+                time.sleep(0.3)  # let the kernel finish (interfaces, strings, drivers) before looking
+            if self.stop_event.is_set():
+                break
         self.shutdown()
 
     def shutdown(self, flush_s: float = 4.0) -> None:

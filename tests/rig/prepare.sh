@@ -49,11 +49,11 @@ if [ ! -f root/.pantau-ready ]; then
   touch root/.pantau-ready
 fi
 
-if [ ! -f root/opt/pantau-py/.pantau-ready ]; then
+if [ ! -f root/opt/pantau-py/.pantau-ready-2 ]; then
   log "installing the agent's Python packages for the guest"
   rm -rf root/opt/pantau-py && mkdir -p root/opt/pantau-py
-  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --target root/opt/pantau-py --no-compile pyusb psutil paho-mqtt >&2
-  touch root/opt/pantau-py/.pantau-ready
+  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --target root/opt/pantau-py --no-compile pyusb psutil paho-mqtt pyudev >&2
+  touch root/opt/pantau-py/.pantau-ready-2
 fi
 
 if [ ! -f initrd.img ]; then
