@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+
 from common import ROOT, Broker, free_port  # type: ignore[import-not-found]
 
 DEV = [{"key": f"046d:085e:CAM{i}", "present": True, "in_use": False, "speed": "super", "errors_total": 0,
