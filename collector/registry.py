@@ -6,6 +6,7 @@ nobody registered shows as *unregistered*.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from typing import Any
 
@@ -81,7 +82,8 @@ def upsert_loan(store: SqliteStore, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def lookup(store: SqliteStore, device_key: str, agent: str | None) -> dict[str, Any]:
-    """Unit, room and PIC for a device (by key, else by its serial), else by the agent's room."""
+    """Unit, room and PIC for a device: by its loan (key, else serial), else by the registered room of
+    the agent that saw it, else by the ``unit`` and ``room`` labels that agent reports."""
     serial = device_key.split(":", 2)[2] if device_key.count(":") >= 2 else None
     rows = store.query("SELECT * FROM loans WHERE device = ? OR device = ?", (device_key, serial or device_key))
     loan = rows[0] if rows else None
@@ -92,12 +94,17 @@ def lookup(store: SqliteStore, device_key: str, agent: str | None) -> dict[str, 
         if r:
             room_id = r[0]["id"]
             unit_id = unit_id or r[0]["unit"]
+    if unit_id is None and agent:
+        row = store.query("SELECT labels FROM agents WHERE agent = ?", (agent,))
+        labels = json.loads(row[0]["labels"]) if row and row[0]["labels"] else {}
+        unit_id = labels.get("unit") if isinstance(labels.get("unit"), str) else None
+        room_id = room_id or (labels.get("room") if isinstance(labels.get("room"), str) else None)
     unit = store.query("SELECT * FROM units WHERE id = ?", (unit_id,)) if unit_id else []
     room = store.query("SELECT * FROM rooms WHERE id = ?", (room_id,)) if room_id else []
     u = unit[0] if unit else None
     return {
         "registered": loan is not None,
-        "unit": u["id"] if u else None,
+        "unit": u["id"] if u else unit_id,
         "unit_name": u["name"] if u else None,
         "room": room[0]["id"] if room else room_id,
         "room_name": room[0]["name"] if room else None,

@@ -72,7 +72,11 @@ document.getElementById("d-save").addEventListener("click", async () => {
     headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
   const j = await r.json();
   document.getElementById("d-msg").textContent = r.ok ? t("saved") : j.error;
-  if (r.ok) refresh();
+  if (r.ok) {
+    const fresh = await getJSON("/api/incidents/" + encodeURIComponent(current.id));
+    document.getElementById("d-history").innerHTML = fresh.history.map((h) => `<li>${esc(h.at)} ${esc(h.actor)}: ${esc(h.action)}</li>`).join("");
+    refresh();
+  }
 });
 document.getElementById("lang").addEventListener("click", () => { lang = lang === "id" ? "en" : "id"; localStorage.setItem("pantau.lang", lang); applyLang(); refresh(); });
 unitSel.addEventListener("change", refresh);
