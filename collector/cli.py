@@ -74,9 +74,13 @@ class Service:
                 webhook_url=cfg.webhook_url, delay_s=float(cfg.notify_delay_s),
                 dashboard_url=cfg.dashboard_url or ""))
             self.collector.book.listeners.append(self.notifier.on_incident)
-        self.subscriber = Subscriber(self.collector, parse_broker(cfg.broker), cfg.client_id, cfg.prefix,
-                                     cfg.share_group, cfg.username, cfg.password, cfg.ca_file,
-                                     mqtt_version=cfg.mqtt_version)
+        self.cfg = cfg
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.subscriber = None
+        if int(cfg.ingest_workers) == 1:
+            self.subscriber = Subscriber(self.collector, parse_broker(cfg.broker), cfg.client_id, cfg.prefix,
+                                         cfg.share_group, cfg.username, cfg.password, cfg.ca_file,
+                                         mqtt_version=cfg.mqtt_version)
         host, port = cfg.http_host_port
         self.web = WebServer(self.collector, host, port)
         self._stop = threading.Event()
@@ -85,8 +89,25 @@ class Service:
         if self.notifier is not None:
             self.notifier.start()
         self.web.start()
-        self.subscriber.start()
+        if self.subscriber is not None:
+            self.subscriber.start()
+        else:
+            for i in range(int(self.cfg.ingest_workers)):
+                args = [sys.executable, "-m", "collector.worker", "--index", str(i)]
+                if self.config_path:
+                    args += ["--config", self.config_path]
+                self.workers.append(subprocess.Popen(args))
+            threading.Thread(target=self._follow, daemon=True).start()
         threading.Thread(target=self._maintain, daemon=True).start()
+
+    config_path: str | None = None
+
+    def _follow(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self.collector.follow()
+            except Exception:
+                logging.getLogger(__name__).exception("following the workers failed")
 
     def _maintain(self) -> None:
         while not self._stop.wait(10):
@@ -102,7 +123,16 @@ class Service:
         self._stop.set()
         if self.notifier is not None:
             self.notifier.stop()
-        self.subscriber.stop()
+        if self.subscriber is not None:
+            self.subscriber.stop()
+        for w in self.workers:
+            w.terminate()
+        for w in self.workers:
+            try:
+                w.wait(15)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
         self.web.stop()
         if self.collector.timeseries is not None:
             self.collector.timeseries.close()
@@ -116,8 +146,9 @@ def _wait_for_signal() -> None:
     done.wait()
 
 
-def _serve(cfg: Any) -> int:
+def _serve(cfg: Any, config_path: str | None = None) -> int:
     svc = Service(cfg)
+    svc.config_path = config_path
     svc.start()
     print(f"pantau-collector: dashboard and API on {svc.web.address}", flush=True)
     _wait_for_signal()
@@ -233,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return _audit_verify(cfg)
     if args.cmd == "demo":
         return _demo(cfg, args.http)
-    return _serve(cfg)
+    return _serve(cfg, args.config)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ class CollectorConfig:
     ca_file: str | None = None
     client_id: str = "pantau-collector"
     share_group: str | None = None
+    ingest_workers: str = "1"  # > 1: that many worker processes on an MQTT 5 shared subscription
     prefix: str = "pantau"
     mqtt_version: str = "auto"  # auto (5, falling back to 3.1.1) | 5 | 3.1.1
     db: str = "var/pantau.sqlite"
@@ -89,6 +90,8 @@ def load(path: str | None = None, env: dict[str, str] | None = None, **overrides
         raise ConfigError(f"config: mqtt_version: {cfg.mqtt_version!r} must be auto, 5 or 3.1.1")
     if cfg.lang not in ("id", "en"):
         raise ConfigError(f"config: lang: {cfg.lang!r} must be id or en")
+    if not cfg.ingest_workers.isdigit() or not 1 <= int(cfg.ingest_workers) <= 32:
+        raise ConfigError(f"config: ingest_workers: {cfg.ingest_workers!r} must be a whole number from 1 to 32")
     for key in ("smtp_port", "notify_delay_s"):
         try:
             if float(getattr(cfg, key)) < 0:

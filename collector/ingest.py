@@ -54,7 +54,7 @@ def _flag(v: Any) -> int | None:
 class Collector:
     def __init__(self, store: SqliteStore, windows: Windows | None = None, prefix: str | None = None,
                  dead_letter_max: int = 1000, lang: str = "id", timeseries: Any = None,
-                 classify_every_s: float = 0.0) -> None:
+                 classify_every_s: float = 0.0, classify: bool = True) -> None:
         self.store = store
         self.windows = windows or Windows()
         self.prefix = prefix
@@ -62,6 +62,8 @@ class Collector:
         self.book = IncidentBook(store, lang)
         self.timeseries = timeseries  # an optional second sink (InfluxDB)
         self.classify_every_s = classify_every_s
+        self.classifying = classify  # False in an ingest worker: the main process classifies
+        self._followed = 0  # evidence id read so far (follow mode)
         self.received = 0
         self.stored = 0
         self.duplicates = 0
@@ -87,6 +89,8 @@ class Collector:
         return w.reopen_s + w.handling_s + max(w.missing_s, w.unstable_s) + 3600
 
     def _load(self) -> None:
+        if not self.classifying:
+            return
         row = self.store.query("SELECT max(ts) AS ts FROM evidence")[0]
         if row["ts"] is None:
             return
@@ -95,15 +99,32 @@ class Collector:
         for inc in self.store.query("SELECT min(opened_at) AS t FROM incidents WHERE status != 'withdrawn'"):
             if inc["t"] is not None:
                 since = min(since, ts_seconds(inc["t"]) - self.windows.handling_s)
-        for r in self.store.query("SELECT agent, boot, seq, ts, kind, payload FROM evidence WHERE ts >= ? "
-                                  "ORDER BY id", (_fmt(since),)):
+        self._followed = self._read_evidence("ts >= ?", (_fmt(since),))
+        self._dirty |= set(self.histories)
+
+    def _read_evidence(self, where: str, args: tuple[Any, ...]) -> int:
+        last = self._followed
+        for r in self.store.query(f"SELECT id, agent, boot, seq, ts, kind, payload FROM evidence WHERE {where} "
+                                  "ORDER BY id", args):
             payload = json.loads(r["payload"])
             channel = {"event": "events"}.get(r["kind"], r["kind"])
             ev = evidence_from(Message(Topic("-", r["agent"], channel), payload), r["ts"])
-            if ev is not None:
-                self.histories.setdefault(r["agent"], AgentHistory(r["agent"])).add(ev)
+            if ev is not None and self.histories.setdefault(r["agent"], AgentHistory(r["agent"])).add(ev):
+                self._dirty.add(r["agent"])
             self._advance(r["ts"])
-        self._dirty |= set(self.histories)
+            last = max(last, int(r["id"]))
+        return last
+
+    def follow(self) -> None:
+        """Classify what ingest workers (other processes) stored since the last call."""
+        with self.lock:
+            self._followed = self._read_evidence("id > ?", (self._followed,))
+            clock = self.store.counters().get("clock_ms")
+            if clock is not None and (self.clock is None or clock / 1000 > self.clock):
+                self._advance(_fmt(clock / 1000))
+            if self.clock is not None:
+                self._dirty |= {a for a, end in self.deadlines.items() if self.clock > end}
+            self.classify_dirty()
 
     def _advance(self, ts: str) -> None:
         t = ts_seconds(ts)
@@ -130,6 +151,7 @@ class Collector:
         host_rows: list[tuple[Any, ...]] = []
         device_rows: list[tuple[Any, ...]] = []
         agent_updates: dict[str, dict[str, Any]] = {}
+        before = (self.received, self.stored, self.duplicates, Counter(self.rejected))
         with self.store.tx() as db:
             for item in items:
                 self.received += 1
@@ -138,7 +160,7 @@ class Collector:
                 except ProtocolError as exc:
                     self._reject(db, item, exc)
                     continue
-                if msg.seq is not None and not SqliteStore.mark_seen(db, msg.agent, msg.boot, msg.seq):
+                if msg.seq is not None and not self.store.mark_seen(db, msg.agent, msg.boot, msg.seq):
                     self.duplicates += 1
                     continue
                 # A will has no ts: the capture's received_at, else the clock as it stands, else now.
@@ -170,10 +192,27 @@ class Collector:
             dead = db.execute("SELECT max(id) FROM dead_letter").fetchone()[0]
             if dead and dead > self.dead_letter_max:
                 db.execute("DELETE FROM dead_letter WHERE id <= ?", (dead - self.dead_letter_max,))
+            self._persist_counters(db, before)
+        if not self.classifying:
+            return
         if self.clock is not None:
             self._dirty |= {a for a, end in self.deadlines.items() if self.clock > end}
         if time.monotonic() - self._last_classify >= self.classify_every_s:
             self.classify_dirty()
+
+    def _persist_counters(self, db: Any, before: tuple[int, int, int, Counter[str]]) -> None:
+        """Counters live in the store, so /metrics adds up every ingest process."""
+        deltas = {"received": self.received - before[0], "stored": self.stored - before[1],
+                  "duplicates": self.duplicates - before[2]}
+        deltas.update({f"rejected:{k}": v - before[3].get(k, 0) for k, v in self.rejected.items()})
+        for name, d in deltas.items():
+            if d:
+                SqliteStore.bump(db, name, d)
+        if self.clock is not None:
+            db.execute("INSERT INTO counters VALUES ('clock_ms', ?) ON CONFLICT(name) DO UPDATE SET "
+                       "value = max(value, excluded.value)", (int(self.clock * 1000),))
+        db.execute("INSERT INTO counters VALUES ('lag_ms', ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                   (int(self.last_lag * 1000),))
 
     def _update_agent(self, db: Any, agent: str, upd: dict[str, Any]) -> None:
         db.execute("INSERT OR IGNORE INTO agents (agent) VALUES (?)", (agent,))
@@ -228,6 +267,8 @@ class Collector:
             self._feed(Message(msg.topic, slim), stamp)
 
     def _feed(self, msg: Message, stamp: str) -> None:
+        if not self.classifying:
+            return
         ev = evidence_from(msg, stamp)
         if ev is None:
             return
@@ -285,7 +326,11 @@ class Collector:
         return labels, {d["key"]: str(d.get("kind", "unknown")) for d in inventory if isinstance(d, dict)}
 
     def metrics(self) -> dict[str, Any]:
+        """Totals since the store was created, over every ingest process."""
+        c = self.store.counters()
         dl = self.store.query("SELECT count(*) AS n FROM dead_letter")[0]["n"]
-        return {"received": self.received, "stored": self.stored, "duplicates": self.duplicates,
-                "rejected": dict(self.rejected), "lag_s": self.last_lag, "dead_letters": dl,
+        return {"received": c.get("received", 0), "stored": c.get("stored", 0),
+                "duplicates": c.get("duplicates", 0),
+                "rejected": {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("rejected:")},
+                "lag_s": c.get("lag_ms", 0) / 1000, "dead_letters": dl,
                 "buffer_depth": self.timeseries.buffer_depth() if self.timeseries is not None else 0}

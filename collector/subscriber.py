@@ -97,11 +97,17 @@ class Subscriber:
                     items.append(self.q.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                self.collector.ingest([Inbound(t, p, r) for t, p, r, _, _ in items])
-            except Exception:
-                log.exception("storing a batch failed; not acknowledging it (the broker re-sends)")
-                continue
+            batch = [Inbound(t, p, r) for t, p, r, _, _ in items]
+            delay = 0.5
+            while True:  # a batch that cannot be stored is retried, never dropped (QoS 0 has no re-send)
+                try:
+                    self.collector.ingest(batch)
+                    break
+                except Exception:
+                    log.exception("storing a batch of %d failed; retrying in %.1f s", len(batch), delay)
+                    if self._stop.wait(delay):
+                        return  # unacknowledged QoS 1 messages come back on the next session
+                    delay = min(30.0, delay * 2)
             for _, _, _, mid, qos in items:
                 if qos > 0:
                     self.client.ack(mid, qos)

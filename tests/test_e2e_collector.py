@@ -133,3 +133,64 @@ def test_forged_oversized_malformed_and_duplicate_messages(tmp_path: Path, mosqu
         pub.disconnect()
     finally:
         collector.term()
+
+
+def test_worker_processes_share_the_stream_and_incidents_still_open(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    db = tmp_path / "collector.sqlite"
+    collector, http = start_collector(tmp_path, mosquitto.url, PANTAU_INGEST_WORKERS="2")
+    try:
+        wait_until(lambda: collector.log().count("subscribed") == 2, 30, what="two workers subscribed")
+        assert "$share/pantau-ingest/" in collector.log()
+        pub = publisher(mosquitto.port)
+        infos = []
+        for a in range(10):
+            for seq in range(1, 51):
+                infos.append(pub.publish(f"pantau/v1/agents/load-{a}/events",
+                                         usage_event(seq, agent=f"load-{a}"), qos=1))
+        err = json.loads(usage_event(51, agent="load-0"))
+        err.update(type="device.error", error={"code": "video.stream_error", "source": "kernel", "errno": -71,
+                                               "problem_code": None, "message": "x", "count": 1})
+        infos.append(pub.publish("pantau/v1/agents/load-0/events", json.dumps(err).encode(), qos=1))
+        for info in infos:
+            info.wait_for_publish(20)
+        wait_until(lambda: db_rows(db, "SELECT count(*) FROM evidence")[0][0] == 501, 60, what="501 events")
+        workers = {line.split()[3] for line in collector.log().splitlines() if "subscribed to" in line}
+        assert workers == {"worker0", "worker1"}
+        inc = wait_until(lambda: db_rows(db, "SELECT agent, rule FROM incidents"), 20, what="the incident")
+        assert inc == [("load-0", "D2")]
+        assert metrics(http)["pantau_messages_stored_total"] == 501
+        pub.loop_stop()
+        pub.disconnect()
+    finally:
+        collector.term()
+
+
+def test_a_batch_that_cannot_be_stored_is_retried_not_dropped(tmp_path: Path, mosquitto: Mosquitto,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    import sqlite3
+
+    from agent.config import parse_broker
+    from collector.ingest import Collector
+    from collector.store.sqlite import SqliteStore
+    from collector.subscriber import Subscriber
+
+    db = tmp_path / "c.sqlite"
+    collector = Collector(SqliteStore(str(db)))
+    sub = Subscriber(collector, parse_broker(mosquitto.url), "retry-test")
+    sub.start()
+    blocker = sqlite3.connect(db, isolation_level=None)
+    try:
+        wait_until(sub.connected.is_set, 10)
+        time.sleep(0.3)
+        blocker.execute("BEGIN EXCLUSIVE")  # the store cannot write: longer than its 5 s busy timeout
+        pub = publisher(mosquitto.port)
+        for seq in range(1, 11):
+            pub.publish("pantau/v1/agents/load-1/events", usage_event(seq), qos=0).wait_for_publish(5)
+        wait_until(lambda: "retrying" in caplog.text, 20, what="a failed attempt")
+        blocker.execute("ROLLBACK")
+        wait_until(lambda: stored(db) == 10, 30, what="the retried batch")
+        pub.loop_stop()
+        pub.disconnect()
+    finally:
+        blocker.close()
+        sub.stop()

@@ -20,8 +20,8 @@ from typing import Any
 MIGRATIONS: list[str] = [
     # 1: the first release
     """
-    CREATE TABLE seen (agent TEXT NOT NULL, boot TEXT NOT NULL, seq INTEGER NOT NULL,
-                       PRIMARY KEY (agent, boot, seq)) WITHOUT ROWID;
+    CREATE TABLE boots (id INTEGER PRIMARY KEY, agent TEXT NOT NULL, boot TEXT NOT NULL, UNIQUE (agent, boot));
+    CREATE TABLE seen (boot_id INTEGER NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (boot_id, seq)) WITHOUT ROWID;
     CREATE TABLE evidence (id INTEGER PRIMARY KEY, agent TEXT NOT NULL, boot TEXT NOT NULL, seq INTEGER NOT NULL,
                            ts TEXT NOT NULL, kind TEXT NOT NULL, type TEXT NOT NULL, device TEXT,
                            payload TEXT NOT NULL, received_at TEXT NOT NULL);
@@ -80,6 +80,7 @@ class SqliteStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
+        self._boot_ids: dict[tuple[str, str], int] = {}
         self.migrate()
 
     # ------------------------------------------------------------------ schema
@@ -102,6 +103,7 @@ class SqliteStore:
                 yield self.db
             except BaseException:
                 self.db.execute("ROLLBACK")
+                self._boot_ids.clear()  # ids handed out in this transaction are gone with it
                 raise
             self.db.execute("COMMIT")
 
@@ -112,10 +114,16 @@ class SqliteStore:
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]  # type: ignore[misc]
 
     # ------------------------------------------------------------------ ingest side
-    @staticmethod
-    def mark_seen(db: sqlite3.Connection, agent: str, boot: str, seq: int) -> bool:
-        """True the first time ``(agent, boot, seq)`` is seen."""
-        return db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", (agent, boot, seq)).rowcount == 1
+    def mark_seen(self, db: sqlite3.Connection, agent: str, boot: str, seq: int) -> bool:
+        """True the first time ``(agent, boot, seq)`` is seen (keyed by a small integer per boot)."""
+        bid = self._boot_ids.get((agent, boot))
+        if bid is None:
+            db.execute("INSERT OR IGNORE INTO boots (agent, boot) VALUES (?, ?)", (agent, boot))
+            bid = int(db.execute("SELECT id FROM boots WHERE agent = ? AND boot = ?", (agent, boot)).fetchone()[0])
+            if len(self._boot_ids) > 100_000:
+                self._boot_ids.clear()
+            self._boot_ids[(agent, boot)] = bid
+        return db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (bid, seq)).rowcount == 1
 
     @staticmethod
     def add_samples(db: sqlite3.Connection, host: list[tuple[Any, ...]], devices: list[tuple[Any, ...]]) -> None:
