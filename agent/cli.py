@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("once", help="print the current snapshot (devices, usage, host) as JSON")
     s = sub.add_parser("signals", help="print what the agent makes of a kernel log, one JSON object a line")
     s.add_argument("--kernel-log", required=True, metavar="FILE", help="kernel log (dmesg, journal or /dev/kmsg)")
+    h = sub.add_parser("report-handling", help="record that a person handled a device (dropped it, pulled the "
+                       "cable); queued in the outbox the running agent sends")
+    h.add_argument("device", help="device key as in `pantau-agent once` (vid:pid:serial or vid:pid@port)")
+    h.add_argument("--note", required=True, help="what happened, in a sentence")
     sim = sub.add_parser("simulate", help="run against a simulated room (a JSON bus file, created if missing)")
     sim.add_argument("--bus", default=None, help="bus file (default: $PANTAU_SIMULATED_BUS or ./var/sim/room.json)")
     return p
@@ -57,6 +61,35 @@ def _run(cfg: AgentConfig) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     agent.run()
+    return 0
+
+
+def _report_handling(cfg: AgentConfig, key: str, note: str) -> int:
+    """Queue a handling.reported event. It carries a boot of its own (seq 1): the protocol's seq
+    is per boot, and this process is not the running agent's boot."""
+    import os
+    import secrets
+
+    from agent.protocol import encode, envelope, topic_for
+    from agent.spool import Outbox
+
+    if not note.strip():
+        print("pantau-agent report-handling: --note must say what happened", file=sys.stderr)
+        return 2
+    device: dict[str, Any] = {"key": key}
+    try:
+        from agent.runner import snapshot
+
+        device = next((d for d in snapshot(cfg)["devices"] if d["key"] == key), device)
+    except Exception as exc:  # reporting must work even when the bus cannot be read
+        logging.getLogger(__name__).info("device details unavailable: %s", exc)
+    device = {k: v for k, v in device.items() if k not in ("in_use", "users")}
+    msg = envelope(cfg.agent_id, secrets.token_hex(8), 1, "event", type="handling.reported", device=device,
+                   context={"note": note.strip()[:500], "reported_by": os.environ.get("USER", "")})
+    ob = Outbox(os.path.join(cfg.state_dir, "outbox.sqlite"), cfg.spool_max_events, cfg.spool_max_bytes)
+    ob.put(topic_for(cfg.agent_id, "events", cfg.prefix), encode(msg), qos=1)
+    ob.close()
+    print(f"handling of {key} recorded; the agent sends it with its next delivery")
     return 0
 
 
@@ -97,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pantau-agent: {exc}", file=sys.stderr)
         return 2
+    if args.cmd == "report-handling":
+        return _report_handling(cfg, args.device, args.note)
     if args.cmd == "once":
         from agent.runner import snapshot
 

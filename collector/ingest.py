@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from agent.protocol import SPEED_RANK, Message, ProtocolError, Topic, decode_message, format_ts, ts_seconds
@@ -38,8 +40,6 @@ class Inbound:
 
 
 def _fmt(t: float) -> str:
-    from datetime import UTC, datetime
-
     return format_ts(datetime.fromtimestamp(t, UTC))
 
 
@@ -199,6 +199,27 @@ class Collector:
             self._dirty |= {a for a, end in self.deadlines.items() if self.clock > end}
         if time.monotonic() - self._last_classify >= self.classify_every_s:
             self.classify_dirty()
+
+    def report_handling(self, agent: str, device_key: str, note: str, by: str) -> dict[str, Any]:
+        """A handling report made at the dashboard: recorded as that agent's ``handling.reported``
+        event, through the same validation and store as the agent's own. Each report is a boot of
+        its own (seq 1), so it is ordered by its own time among the agent's boots."""
+        if not note.strip() or not by.strip():
+            raise ValueError("a handling report needs a note and the name of who reports it")
+        row = self.store.query("SELECT inventory FROM agents WHERE agent = ?", (agent,))
+        if not row:
+            raise ValueError(f"no room PC {agent!r} has reported to this collector")
+        inventory = json.loads(row[0]["inventory"] or "[]")
+        device = next((d for d in inventory if d.get("key") == device_key), {"key": device_key})
+        with self.lock:
+            stamp = format_ts(datetime.now(UTC))
+            payload = {"v": 1, "agent": agent, "boot": f"dashboard-{secrets.token_hex(6)}", "seq": 1, "ts": stamp,
+                       "kind": "event",
+                       "type": "handling.reported", "device": device,
+                       "context": {"note": note.strip()[:500], "reported_by": by.strip()[:120], "via": "dashboard"}}
+            self.ingest([Inbound(f"pantau/v1/agents/{agent}/events", json.dumps(payload).encode(), time.time())])
+            self.classify_dirty()
+        return payload
 
     def _persist_counters(self, db: Any, before: tuple[int, int, int, Counter[str]]) -> None:
         """Counters live in the store, so /metrics adds up every ingest process."""

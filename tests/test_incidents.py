@@ -312,3 +312,44 @@ def test_replay_counts_bad_lines_and_never_fails_on_them(tmp_path: Path) -> None
     assert "device fault" in json.loads(out.stdout)["summary"] or "failure" in json.loads(out.stdout)["summary"]
     missing = run_cli("collector.cli", "replay", str(tmp_path / "nope.jsonl"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_handling_reported_at_the_dashboard_marks_the_device(collector: Collector) -> None:
+    a = Agent().started()
+    feed(collector, a)
+    web = WebServer(collector, "127.0.0.1", 0)
+    web.start()
+    base = web.address.rstrip("/")
+    try:
+        assert _req(base + "/api/handling", {"agent": "room-1", "device": CAM["key"], "note": "", "by": "x"})[0] == 400
+        assert _req(base + "/api/handling", {"agent": "nope", "device": CAM["key"], "note": "n", "by": "x"})[0] == 400
+        code, ev = _req(base + "/api/handling", {"agent": "room-1", "device": CAM["key"],
+                                                 "note": "kamera jatuh dari tripod", "by": "budi"})
+        assert code == 200 and ev["type"] == "handling.reported" and ev["device"]["port"] == CAM["port"]
+    finally:
+        web.stop()
+    # an error later that day is handling damage (D1), not a device fault
+    t = ev["ts"]
+    err = {"v": 1, "agent": "room-1", "boot": "bootlater001", "seq": 1, "ts": t.replace("Z", "").split(".")[0]
+           + ".500Z", "kind": "event", "type": "device.error", "device": CAM,
+           "error": {"code": "video.stream_error", "source": "kernel", "errno": -71, "problem_code": None,
+                     "message": "x", "count": 1}}
+    collector.ingest([Inbound("pantau/v1/agents/room-1/events", json.dumps(err).encode(), time.time())])
+    collector.tick()
+    [row] = collector.store.query("SELECT rule, evidence FROM incidents")
+    assert row["rule"] == "D1" and "handling.reported" in row["evidence"]
+
+
+def test_report_handling_command_queues_for_the_agent(tmp_path: Path) -> None:
+    env = {**os.environ, "PANTAU_AGENT_ID": "room-1", "PANTAU_STATE_DIR": str(tmp_path),
+           "PANTAU_USB_BACKEND": "simulated", "PANTAU_SIMULATED_BUS": str(tmp_path / "none.json")}
+    out = run_cli("agent.cli", "report-handling", CAM["key"], "--note", "kabel tertarik", env=env)
+    assert out.returncode == 0, out.stderr
+    from agent.protocol import decode_message
+    from agent.spool import Outbox
+
+    [row] = Outbox(str(tmp_path / "outbox.sqlite")).pending()
+    msg = decode_message(row.topic, row.payload)
+    assert (msg.kind, msg.payload["type"], msg.payload["device"]["key"], msg.seq) == (
+        "event", "handling.reported", CAM["key"], 1)
+    assert msg.payload["context"]["note"] == "kabel tertarik"

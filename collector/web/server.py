@@ -185,11 +185,14 @@ class Handler(BaseHTTPRequestHandler):
                 self._json(200, incident_view(c, row))
             elif path == "/api/loans":
                 self._json(200, upsert_loan(c.store, body))
+            elif path == "/api/handling":
+                self._json(200, c.report_handling(str(body.get("agent", "")), str(body.get("device", "")),
+                                                  str(body.get("note", "")), str(body.get("by", ""))))
             else:
                 self._error(404, "not found")
         except KeyError:
             self._error(404, f"no incident {parts[3] if len(parts) > 3 else ''}")
-        except (IncidentError, RegistryError) as exc:
+        except (IncidentError, RegistryError, ValueError) as exc:
             self._error(400, str(exc))
         except Exception:
             log.exception("POST %s failed", self.path)
