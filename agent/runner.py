@@ -71,9 +71,33 @@ class Observer:
                     device_errors[d["key"]] = list(e["errors"])
         if not sim:
             meeting = meeting_running(self.cfg.meeting_processes)
+            if os.name == "nt":  # pragma: no cover - Windows only
+                self._windows(devices, usage, device_errors)
         self.nodes = nodes
         return Tick(devices=devices, usage=usage, meeting=meeting, probe_failures=dict(self.prober.failures),
                     device_errors=device_errors, now=time.monotonic())
+
+    def _windows(self, devices: list[dict[str, Any]], usage: dict[str, Usage],
+                 device_errors: dict[str, list[dict[str, Any]]]) -> None:  # pragma: no cover - Windows only
+        """Usage from the ConsentStore, errors from device problem codes."""
+        import psutil
+
+        from agent.signals.pnp import query_windows
+        from agent.usage_windows import query, users_by_kind
+
+        try:
+            names = [p.info["name"] or "" for p in psutil.process_iter(["name"])]
+            by_kind = users_by_kind(query(), names)
+            problems = [d for d in query_windows() if d.error is not None]
+        except Exception as exc:
+            log.warning("reading Windows usage or problem codes failed: %s", exc)
+            return
+        for d in devices:
+            users = by_kind.get(d["kind"], [])
+            usage[d["key"]] = Usage(bool(users), users)
+            for p in problems:
+                if (p.vid, p.pid) == (d["vid"], d["pid"]) and (p.serial in (None, d.get("serial"))):
+                    device_errors.setdefault(d["key"], []).append(dict(p.error or {}))
 
     def _nodes_for(self, dev: dict[str, Any], sim_entry: dict[str, Any] | None) -> list[str]:
         if sim_entry is not None:

@@ -41,3 +41,20 @@ def test_overcurrent_problem_status() -> None:
 
 def test_garbage_gives_nothing() -> None:
     assert parse("") == [] and parse("not powershell output\n\x00") == [] and parse("[1, 2, null]") == []
+
+
+def test_consent_store_usage() -> None:
+    from agent.usage_windows import parse_reg_query, users_by_kind
+
+    uses = parse_reg_query((DATA / "consentstore.txt").read_text(encoding="utf-8"))
+    assert [(u.capability, u.app, u.in_use) for u in uses] == [
+        ("webcam", "Microsoft.WindowsCamera_8wekyb3d8bbwe", False),
+        ("webcam", "Zoom.exe", True),
+        ("webcam", "app.exe", True),
+        ("microphone", "Zoom.exe", True),
+        ("microphone", "lync.exe", False),
+    ]
+    # app.exe says "in use" but is not running: a stale entry, ignored
+    assert users_by_kind(uses, ["System", "Zoom.exe", "explorer.exe"]) == {
+        "camera": ["Zoom.exe"], "speakerphone": ["Zoom.exe"], "microphone": ["Zoom.exe"]}
+    assert users_by_kind(uses, ["explorer.exe"]) == {}
