@@ -79,6 +79,19 @@ class Mosquitto:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Agents and collectors a test started are gone when it ends, whatever happened."""
+    yield
+    from tests.procs import Proc
+
+    for p in Proc.running:
+        if p.p.poll() is None:
+            p.p.kill()
+            p.p.wait()
+    Proc.running.clear()
+
+
 @pytest.fixture
 def mosquitto() -> Iterator[Mosquitto]:
     m = Mosquitto().start()

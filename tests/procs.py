@@ -32,11 +32,14 @@ def wait_until(fn: Callable[[], Any], timeout: float = 30.0, interval: float = 0
 
 
 class Proc:
+    running: list[Proc] = []  # reaped after every test by conftest's autouse fixture
+
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log_path = log
         self._log = open(log, "ab")  # noqa: SIM115
         self.p = subprocess.Popen([sys.executable, "-m", *args], env={**os.environ, **env}, cwd=ROOT,
                                   stdout=self._log, stderr=self._log)
+        Proc.running.append(self)
 
     def kill9(self) -> None:
         self.p.send_signal(signal.SIGKILL)

@@ -209,9 +209,9 @@ def test_full_outbox_drops_oldest_and_says_so(tmp_path: Path, mosquitto: Mosquit
     from agent.spool import Outbox
 
     outbox = tmp_path / "state" / "outbox.sqlite"
-    wait_until(lambda: db_rows(outbox, "SELECT 1 FROM outbox WHERE CAST(payload AS TEXT) LIKE '%agent.started%'"), 20,
-               what="the agent to start")
     try:
+        wait_until(lambda: db_rows(outbox, "SELECT 1 FROM outbox WHERE CAST(payload AS TEXT) LIKE '%agent.started%'"),
+                   20, what="the agent to start")
         for _ in range(5):
             write_bus(bus, SPEAKER)
             time.sleep(0.5)
