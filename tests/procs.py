@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -32,7 +32,7 @@ def wait_until(fn: Callable[[], Any], timeout: float = 30.0, interval: float = 0
 
 
 class Proc:
-    running: list[Proc] = []  # reaped after every test by conftest's autouse fixture
+    running: ClassVar[list[Proc]] = []  # reaped after every test by conftest's autouse fixture
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log_path = log
