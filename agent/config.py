@@ -130,20 +130,24 @@ def _coerce(name: str, value: Any, from_env: bool) -> Any:
         raise ConfigError(f"config: {src}: {value!r} {exc}") from None
 
 
+def read_toml(path: str, what: str = "config", error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    """A TOML file as a dict; ``error`` with one clear line if it cannot be read or parsed."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise error(f"{what}: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{what}: {path} is not valid TOML: {exc}") from None
+
+
 def load(path: str | None = None, env: dict[str, str] | None = None, **overrides: Any) -> AgentConfig:
     env = dict(os.environ if env is None else env)
     names = {f.name for f in fields(AgentConfig)}
     values: dict[str, Any] = {}
     path = path or env.get("PANTAU_CONFIG")
     if path:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
-        for k, v in data.items():
+        for k, v in read_toml(path).items():
             if k not in names:
                 raise ConfigError(f"config: {k}: unknown key (known: {', '.join(sorted(names))})")
             values[k] = _coerce(k, v, False)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from agent.config import ConfigError, parse_broker
+from agent.config import ConfigError, parse_broker, read_toml
 from collector.policy import Windows
 
 
@@ -52,14 +51,7 @@ def load(path: str | None = None, env: dict[str, str] | None = None, **overrides
     values: dict[str, Any] = {}
     path = path or env.get("PANTAU_COLLECTOR_CONFIG")
     if path:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
-        for k, v in data.items():
+        for k, v in read_toml(path).items():
             if k not in names:
                 raise ConfigError(f"config: {k}: unknown key (known: {', '.join(sorted(names))})")
             if k == "windows":

@@ -7,9 +7,9 @@ nobody registered shows as *unregistered*.
 from __future__ import annotations
 
 import json
-import tomllib
 from typing import Any
 
+from agent.config import read_toml
 from collector.store.sqlite import SqliteStore
 
 
@@ -27,14 +27,7 @@ def _str(d: dict[str, Any], k: str, where: str, required: bool = True) -> str | 
 
 
 def load_toml(store: SqliteStore, path: str) -> int:
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise RegistryError(f"registry: cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RegistryError(f"registry: {path} is not valid TOML: {exc}") from None
-    return load(store, data)
+    return load(store, read_toml(path, "registry", RegistryError))
 
 
 def load(store: SqliteStore, data: dict[str, Any]) -> int:

@@ -21,7 +21,7 @@ from collector.ingest import Collector, Inbound
 from collector.store.influx import InfluxSink
 from collector.store.sqlite import SqliteStore
 from tests.builder import CAM, Agent
-from tests.conftest import free_port, wait_port
+from tests.conftest import free_port, stop_process, wait_port
 from tests.procs import wait_until
 
 
@@ -37,12 +37,7 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 

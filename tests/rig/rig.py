@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import stop_process
+
 HERE = Path(__file__).resolve().parent
 CHECKOUT = HERE.parent.parent
 
@@ -115,11 +117,7 @@ class Rig:
             pass
         if self.sock is not None:
             self.sock.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, terminate=False)  # the guest powers itself off
 
 
 class Gadget:
