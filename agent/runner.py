@@ -14,7 +14,7 @@ from typing import Any
 from agent import __version__
 from agent.config import AgentConfig
 from agent.host import gauges, host_boot_ts
-from agent.power import SuspendDetector
+from agent.power import LogindSleepWatcher, SuspendDetector
 from agent.probe.usb import Prober, libusb_backend
 from agent.protocol import encode, envelope, topic_for
 from agent.publish import Session
@@ -120,6 +120,8 @@ class Agent:
         self.session = Session(cfg, self.boot, self.outbox, self._on_connected)
         self.stop_event = threading.Event()
         self.wake = threading.Event()  # set by the udev monitor on a USB add/remove
+        self._logind_cycle = False  # logind announced a sleep since the last tick
+        self.logind = LogindSleepWatcher(self._on_logind)
 
     def _next_seq(self) -> int:
         with self._seq_lock:
@@ -159,8 +161,16 @@ class Agent:
                        spool={"depth": self.outbox.depth, "dropped_total": self.outbox.dropped_total})
         self.session.publish_now(self._topic("telemetry"), encode(msg), qos=0)
 
+    def _on_logind(self, asleep: bool) -> None:
+        self.emit({"type": "host.suspending" if asleep else "host.resumed", "context": {"source": "logind"}})
+        self._logind_cycle = True
+        self.wake.set()
+
     def tick(self) -> None:
         slept = self.suspend.tick()
+        if slept is not None and self._logind_cycle:
+            slept = None  # logind already said it, before the devices went
+        self._logind_cycle = False
         t = self.observer.look()
         if self.kernel is not None:
             t.signals = list(parse_lines(self.kernel.read()))
@@ -185,6 +195,7 @@ class Agent:
             from agent.probe.udev import start_usb_monitor
 
             start_usb_monitor(self.wake)
+            self.logind.start()
         self.session.start()
         next_tel = time.monotonic() + 1.0
         was_connected = False
@@ -213,6 +224,7 @@ class Agent:
     def shutdown(self, flush_s: float = 4.0) -> None:
         self.emit({"type": "agent.stopping", "context": {}})
         self._spool("state", "state", retain=True, state="offline", reason="shutdown")
+        self.logind.stop()
         flushed = self.session.drain(flush_s)
         if not flushed:
             log.warning("stopping with %d messages still in the outbox; they go out at next start",

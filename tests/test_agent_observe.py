@@ -236,3 +236,11 @@ def test_suspend_detector() -> None:
     clock["boot"] += 6
     assert det.tick() is None  # 4 s of drift is below the threshold
     assert SuspendDetector(boottime=lambda: None).tick() is None
+
+
+def test_logind_prepare_for_sleep_from_dbus_monitor() -> None:
+    from agent.power import parse_prepare_for_sleep
+
+    data = Path(__file__).parent / "data" / "dbus-monitor-sleep.txt"
+    assert list(parse_prepare_for_sleep(data.read_text().splitlines())) == [True, False]
+    assert list(parse_prepare_for_sleep(["member=PrepareForSleep", "garbage", "   boolean false"])) == [False]

@@ -329,9 +329,13 @@ def test_handling_reported_at_the_dashboard_marks_the_device(collector: Collecto
     finally:
         web.stop()
     # an error later that day is handling damage (D1), not a device fault
-    t = ev["ts"]
-    err = {"v": 1, "agent": "room-1", "boot": "bootlater001", "seq": 1, "ts": t.replace("Z", "").split(".")[0]
-           + ".500Z", "kind": "event", "type": "device.error", "device": CAM,
+    from datetime import UTC, datetime
+
+    from agent.protocol import format_ts, ts_seconds
+
+    later = format_ts(datetime.fromtimestamp(ts_seconds(ev["ts"]) + 1, UTC))  # a second after the report
+    err = {"v": 1, "agent": "room-1", "boot": "bootlater001", "seq": 1, "ts": later,
+           "kind": "event", "type": "device.error", "device": CAM,
            "error": {"code": "video.stream_error", "source": "kernel", "errno": -71, "problem_code": None,
                      "message": "x", "count": 1}}
     collector.ingest([Inbound("pantau/v1/agents/room-1/events", json.dumps(err).encode(), time.time())])

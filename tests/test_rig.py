@@ -33,9 +33,6 @@ class Room:
         self.speaker = Gadget(rig, "speaker", "usbip-vudc.1", "1209:0002", "PANTAU-SPK-1")
         self.rec = Recorder(broker.port, client_id="rig-recorder")
 
-    def set_camera_mode(self, mode: str) -> None:
-        self.rig.sh(f"echo {mode} > /tmp/uvc-mode")
-
     def events(self, etype: str, key: str, after: int = 0) -> list[dict[str, Any]]:
         return [e for e in self.rec.events(etype)[after:] if e.get("device", {}).get("key") == key]
 
@@ -80,6 +77,16 @@ def room() -> Iterator[Room]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+@pytest.fixture
+def camera(room: Room) -> Gadget:
+    return room.camera
+
+
+@pytest.fixture
+def speaker(room: Room) -> Gadget:
+    return room.speaker
+
+
 def test_inventory_lists_camera_and_speakerphone(room: Room) -> None:
     inv = wait_until(lambda: [i for i in room.rec.of("inventory") if len(i["devices"]) >= 2], 30)[-1]
     devices = {d["key"]: d for d in inv["devices"]}
@@ -89,6 +96,15 @@ def test_inventory_lists_camera_and_speakerphone(room: Room) -> None:
     assert cam["port"] == room.camera.usb_path() and spk["port"] == room.speaker.usb_path()
     assert cam["speed"] == spk["speed"] == "high"
     assert cam["product"] == "Pantau Rig Camera" and cam["vendor"] == "Pantau Rig"
+
+
+def test_speakerphone_held_by_a_meeting_app(room: Room, speaker: Gadget) -> None:
+    node = speaker.open("zoom")  # the host-side ALSA PCM node snd-usb-audio created
+    assert node.startswith("/dev/snd/pcmC")
+    ev = wait_until(lambda: [e for e in room.events("device.usage", speaker.key) if e["context"]["in_use"]], 15)
+    assert "zoom" in ev[-1]["context"]["users"]
+    speaker.close_holder()
+    wait_until(lambda: [e for e in room.events("device.usage", speaker.key) if not e["context"]["in_use"]], 15)
 
 
 def test_unplug_and_replug(room: Room) -> None:
@@ -110,30 +126,27 @@ def test_unplug_and_replug(room: Room) -> None:
     assert ev["context"]["in_use"] is False and ev["device"]["port"] == room.camera.usb_path()
 
 
-def test_unplug_while_a_meeting_app_holds_the_camera(room: Room) -> None:
-    key = room.camera.key
-    wait_until(lambda: room.camera.nodes(), 30, what="the camera's /dev/video node")
-    node = room.camera.open("zoom")
+def test_unplug_while_a_meeting_app_holds_the_camera(room: Room, camera: Gadget) -> None:
+    key = camera.key
+    wait_until(lambda: camera.nodes(), 30, what="the camera's /dev/video node")
+    node = camera.open("zoom")
     assert node.startswith("/dev/video")
     wait_until(lambda: [e for e in room.events("device.usage", key) if e["context"]["in_use"]], 15,
                what="device.usage in_use")
     n = len(room.events("device.detached", key))
-    room.camera.unplug()
+    camera.unplug()
     ev = wait_until(lambda: room.events("device.detached", key)[n:], 30)[0]
     assert ev["context"]["in_use"] is True and "zoom" in ev["context"]["users"]
-    room.camera.close_holder()
-    room.camera.plug()
-    wait_until(lambda: room.camera.nodes(), 30)
+    camera.close_holder()
+    camera.plug()
+    wait_until(lambda: camera.nodes(), 30)
 
 
-def test_stalled_camera_errors_come_from_the_kernel(room: Room) -> None:
-    key = room.camera.key
+def test_stalled_camera_errors_come_from_the_kernel(room: Room, camera: Gadget) -> None:
+    key = camera.key
     n = len(room.events("device.error", key))
-    room.set_camera_mode("stall")
     try:
-        room.camera.unplug()
-        time.sleep(1.0)
-        room.camera.plug()
+        camera.break_("stall")
         errors = wait_until(lambda: [e for e in room.events("device.error", key)[n:]
                                      if e["error"]["code"] in ("video.control_error", "video.stream_error")], 30)
         time.sleep(2.0)
@@ -149,11 +162,8 @@ def test_stalled_camera_errors_come_from_the_kernel(room: Room) -> None:
         stream = [e for e in errors if e["error"]["code"] == "video.stream_error"]
         assert stream[0]["error"]["errno"] == -5 and "initialize" in stream[0]["error"]["message"]
     finally:
-        room.set_camera_mode("ok")
-        room.camera.unplug()
-        time.sleep(1.0)
-        room.camera.plug()
-        wait_until(lambda: room.camera.nodes(), 30)
+        camera.break_("ok")
+        wait_until(lambda: camera.nodes(), 30)
 
 
 def test_once_matches_lsusb(room: Room) -> None:

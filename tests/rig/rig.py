@@ -179,6 +179,17 @@ class Gadget:
                     f"sleep 0.1; done; exit 1")
         return nodes[0]
 
+    def break_(self, mode: str) -> None:
+        """Camera only: its firmware (the UVC responder) now stalls every request ("stall"), answers
+        after the host's 5 s timeout ("late"), or works ("ok"); replugged so the host probes anew."""
+        if self.name != "camera" or mode not in ("ok", "stall", "late"):
+            raise ValueError(f"{self.name} cannot break as {mode!r}")
+        self.rig.sh(f"echo {mode} > /tmp/uvc-mode")
+        if self.vhci_port() is not None:
+            self.unplug()
+            time.sleep(1.0)
+        self.plug()
+
     def close_holder(self) -> None:
         if self.holder:
             self.rig.kill(self.holder)
