@@ -114,6 +114,20 @@ def test_signals_command_unreadable_file() -> None:
     assert out.returncode == 2 and "cannot read" in out.stderr
 
 
+@pytest.mark.parametrize(("line", "expected"), [
+    ("usb 1-2: 1:1: cannot set freq 48000 to ep 0x1, error -110", ("1-2", "audio.stream_error", -110)),
+    ("usb 1-1.2: 3:1: cannot get freq at ep 0x84", ("1-1.2", "audio.stream_error", None)),
+    ("usb 1-2: can't set config #1, error -110", ("1-2", "usb.timeout", -110)),
+    ("usb 1-1.2: clear tt 1 (9042) error -71", ("1-1.2", "usb.protocol_error", -71)),
+    ("usb 2-1: new SuperSpeed Gen 1 USB device number 2 using xhci_hcd", ("2-1", "usb.new_device", None)),
+])
+def test_more_forms(line: str, expected: tuple[str, str, int | None]) -> None:
+    from agent.signals.kmsg import parse_line
+
+    s = parse_line(line)
+    assert s is not None and (s.port, s.code, s.errno) == expected
+
+
 @pytest.mark.parametrize("line", ["", "random text", "usb 1-2: New USB device found, idVendor=046d, idProduct=0843",
                                   "\x00\xff garbage", "usb 1-2: " + "x" * 5000])
 def test_unrelated_lines_give_nothing(line: str) -> None:

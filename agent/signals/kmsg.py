@@ -72,8 +72,8 @@ _RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(rf"usb {_DEV}: [\d:]+ ?usb_set_interface failed \((?P<errno>-\d+)\)"), "audio.stream_error"),
     (re.compile(rf"usb {_DEV}: (?:\d+:\d+: )?cannot submit urb(?:.*?(?:err(?:or)?\s*=?\s*)(?P<errno>-\d+))?"),
      "audio.stream_error"),
-    (re.compile(rf"usb {_DEV}: (?:\d+:\d+: )?cannot (?:get|set) (?:freq|min/max|ctl value).*?(?P<errno>-\d+)?"),
-     "audio.stream_error"),
+    (re.compile(rf"usb {_DEV}: (?:\d+:\d+: )?cannot (?:get|set) (?:freq|min/max|ctl value)"
+                r"(?:.*?(?:error|err =|ret =)?\s*\(?(?P<errno>-\d+)\)?\s*$)?"), "audio.stream_error"),
     (re.compile(rf"usb {_DEV}: .*?(?:timeout|timed out).*?(?P<errno>-110)"), "usb.timeout"),
     (re.compile(rf"usb {_DEV}: can't set config #\d+, error (?P<errno>-\d+)"), "usb.timeout"),
     (re.compile(rf"usb {_DEV}: .*?(?:error|status) (?P<errno>-(?:71|84|75))\b"), "usb.protocol_error"),
