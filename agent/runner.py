@@ -32,7 +32,8 @@ def make_prober(cfg: AgentConfig) -> Prober:
         from agent.probe.simulated import BusFile, SimulatedBackend
 
         assert cfg.simulated_bus
-        return Prober(SimulatedBackend(BusFile(cfg.simulated_bus)), cfg.sysfs_root)
+        # never fall back to this machine's real sysfs for a simulated device's strings
+        return Prober(SimulatedBackend(BusFile(cfg.simulated_bus)), sysfs_root=os.devnull)
     return Prober(libusb_backend(), cfg.sysfs_root)
 
 

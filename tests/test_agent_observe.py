@@ -94,6 +94,17 @@ def test_invalid_bus_file_keeps_last_good_state(tmp_path: Path, caplog: pytest.L
         parse_bus({"devices": [{**CAMERA, "port": "nope"}]})
 
 
+def test_simulated_devices_never_read_the_real_sysfs(tmp_path: Path) -> None:
+    fake_sys = tmp_path / "sys" / "bus" / "usb" / "devices" / "1-2"
+    fake_sys.mkdir(parents=True)
+    (fake_sys / "serial").write_text("REAL-DEVICE\n")
+    bus = tmp_path / "bus.json"
+    write_bus(bus, {**CAMERA, "serial": None})
+    cfg = load(env={}, usb_backend="simulated", simulated_bus=str(bus), sysfs_root=str(tmp_path / "sys"))
+    [d] = Observer(cfg).look().devices
+    assert d["key"] == "046d:0843@1-2" and d["serial"] is None
+
+
 def test_hung_device_keeps_its_identity(tmp_path: Path) -> None:
     bus = tmp_path / "bus.json"
     write_bus(bus, CAMERA)
