@@ -182,13 +182,16 @@ class Agent:
             self.emit(ev)
         if slept is not None:
             self.emit({"type": "host.resumed", "context": {"slept_s": round(slept, 1)}})
-        if inv_changed:
-            self._inventory()  # while offline, a newer inventory replaces the unsent one in the outbox
+        if inv_changed and self.session.connected.is_set():
+            self._inventory()
+        elif inv_changed:
+            self._inventory_dirty = True
 
     def run(self) -> None:
         first = self.observer.look()
         self.watcher.start(first.devices, first.usage)
         self.emit({"type": "agent.started", "context": {"host_boot": host_boot_ts(), "version": __version__}})
+        self._inventory_dirty = False
         if self.cfg.usb_backend == "libusb":
             from agent.probe.udev import start_usb_monitor
 
@@ -196,11 +199,19 @@ class Agent:
             self.logind.start()
         self.session.start()
         next_tel = time.monotonic() + 1.0
+        was_connected = False
         while not self.stop_event.is_set():
             try:
                 self.tick()
             except Exception:
                 log.exception("tick failed; going on")
+            connected = self.session.connected.is_set()
+            if connected and not was_connected:
+                self._inventory_dirty = False  # _on_connected sent a fresh one
+            elif connected and self._inventory_dirty:
+                self._inventory()
+                self._inventory_dirty = False
+            was_connected = connected
             if time.monotonic() >= next_tel:
                 self.telemetry()
                 next_tel = time.monotonic() + self.cfg.telemetry_s
