@@ -122,6 +122,9 @@ class Agent:
         self.stop_event = threading.Event()
         self.wake = threading.Event()  # set by the udev monitor on a USB add/remove
         self._logind_cycle = False  # logind announced a sleep since the last tick
+        # Inventory changes while offline wait for the reconnect's fresh inventory instead of being
+        # spooled: a superseded unsent one would leave a seq gap.
+        self._inventory_dirty = False
         self.logind = LogindSleepWatcher(self._on_logind)
 
     def _next_seq(self) -> int:
@@ -191,7 +194,6 @@ class Agent:
         first = self.observer.look()
         self.watcher.start(first.devices, first.usage)
         self.emit({"type": "agent.started", "context": {"host_boot": host_boot_ts(), "version": __version__}})
-        self._inventory_dirty = False
         if self.cfg.usb_backend == "libusb":
             from agent.probe.udev import start_usb_monitor
 
