@@ -88,7 +88,19 @@ def test_dashboard_in_chromium(site: tuple[str, Collector], tmp_path: Path) -> N
         page.wait_for_function("document.querySelector('#d-msg').innerText === 'Saved'")
         page.wait_for_function("document.querySelector('#d-history').innerText.includes('overridden')")
         page.screenshot(path=str(tmp_path / "dashboard-override.png"), full_page=True)
+        page.click("#detail button[value=close]")
+
+        answers = iter(["speaker ditarik saat rapat", "budi"])
+        page.on("dialog", lambda d: d.accept(next(answers, None)) if d.type == "prompt" else d.accept())
+        page.locator(f"button.report[data-device='{SPK['key']}'][data-agent='room-1']").click()
+        browser_deadline = time.monotonic() + 10
+        while time.monotonic() < browser_deadline and not collector.store.query(
+                "SELECT 1 FROM evidence WHERE type = 'handling.reported'"):
+            page.wait_for_timeout(100)
         browser.close()
+    [rep] = collector.store.query("SELECT agent, device, payload FROM evidence WHERE type = 'handling.reported'")
+    assert (rep["agent"], rep["device"]) == ("room-1", SPK["key"])
+    assert json.loads(rep["payload"])["context"]["note"] == "speaker ditarik saat rapat"
     [row] = collector.store.query("SELECT * FROM incidents WHERE device = ?", (CAM["key"],))
     assert (row["cause"], row["decided_cause"], row["decided_by"]) == ("device_fault", "handling_damage",
                                                                       "ani (Pusdatin)")

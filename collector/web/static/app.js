@@ -8,7 +8,9 @@ const T = {
        device_fault:"kerusakan perangkat", handling_damage:"kerusakan penanganan", host_issue:"masalah PC/lingkungan",
        needs_inspection:"perlu diperiksa", central_it:"Pusdatin", none:"tidak ada", undetermined:"belum ditentukan",
        device_error:"error perangkat", device_missing:"perangkat hilang", device_unstable:"tidak stabil",
-       unregistered:"tidak terdaftar", saved:"Tersimpan", none_yet:"Belum ada"},
+       unregistered:"tidak terdaftar", saved:"Tersimpan", none_yet:"Belum ada", report:"lapor penanganan",
+       report_note:"Apa yang terjadi pada perangkat ini? (mis. jatuh, kabel tertarik)", report_by:"Nama pelapor",
+       reported:"Laporan tercatat"},
   en: {tagline:"Health of lent video-conference kits", unit:"Unit", all_units:"All units", fleet:"Rooms",
        room_pc:"Room PC", status:"Status", devices:"Devices", last_seen:"Last seen", incidents:"Incidents",
        opened:"Opened", device:"Device", kind:"Kind", cause:"Cause", responsible:"Responsible",
@@ -17,7 +19,9 @@ const T = {
        device_fault:"device fault", handling_damage:"handling damage", host_issue:"host/environment",
        needs_inspection:"needs inspection", central_it:"central IT", none:"none", undetermined:"undetermined",
        device_error:"device error", device_missing:"device missing", device_unstable:"unstable",
-       unregistered:"unregistered", saved:"Saved", none_yet:"None yet"},
+       unregistered:"unregistered", saved:"Saved", none_yet:"None yet", report:"report handling",
+       report_note:"What happened to this device? (e.g. dropped, cable pulled)", report_by:"Your name",
+       reported:"Report recorded"},
 };
 let lang = localStorage.getItem("pantau.lang") || "id";
 const t = (k) => (T[lang][k] ?? k);
@@ -42,7 +46,8 @@ async function refresh() {
   document.querySelector("#agents tbody").innerHTML = agents.map((a) => `<tr>
     <td>${esc(a.agent)}</td><td class="${esc(a.state)}">${esc(t(a.state || "offline"))}</td>
     <td>${esc((a.labels || {}).unit)}</td>
-    <td>${(a.inventory || []).map((d) => esc(d.product || d.key) + " <small>(" + esc(d.port) + ", " + esc(d.speed) + ")</small>").join("<br>")}</td>
+    <td>${(a.inventory || []).map((d) => esc(d.product || d.key) + " <small>(" + esc(d.port) + ", " + esc(d.speed) + ")</small> "
+      + `<button type="button" class="report" data-agent="${esc(a.agent)}" data-device="${esc(d.key)}">${t("report")}</button>`).join("<br>")}</td>
     <td>${esc(a.last_seen)}</td></tr>`).join("") || `<tr><td colspan="5">${t("none_yet")}</td></tr>`;
   document.querySelector("#incidents tbody").innerHTML = incidents.map((i) => `<tr data-id="${esc(i.id)}">
     <td>${esc(i.opened_at)}</td><td>${esc(i.device)}<br><small>${esc(i.agent)}</small></td><td>${esc(t(i.kind))}</td>
@@ -52,6 +57,19 @@ async function refresh() {
     <td>${esc(t(i.status))}</td><td><button type="button" class="open-detail">${t("detail")}</button></td></tr>`).join("")
     || `<tr><td colspan="9">${t("none_yet")}</td></tr>`;
   document.querySelectorAll(".open-detail").forEach((b) => b.addEventListener("click", () => openDetail(b.closest("tr").dataset.id)));
+  document.querySelectorAll("button.report").forEach((b) => b.addEventListener("click", () => reportHandling(b.dataset.agent, b.dataset.device)));
+}
+
+async function reportHandling(agent, device) {
+  const note = window.prompt(t("report_note"));
+  if (!note) return;
+  const by = window.prompt(t("report_by"));
+  if (!by) return;
+  const r = await fetch("/api/handling", {method: "POST", headers: {"Content-Type": "application/json"},
+    body: JSON.stringify({agent, device, note, by})});
+  const j = await r.json();
+  window.alert(r.ok ? t("reported") : j.error);
+  refresh();
 }
 
 async function openDetail(id) {
