@@ -13,7 +13,7 @@ from typing import Any
 
 from agent.protocol import ts_seconds
 from collector import audit
-from collector.classify import Incident
+from collector.classify import Incident, summary
 from collector.policy import CAUSES
 from collector.store.sqlite import SqliteStore, dumps
 
@@ -57,11 +57,13 @@ class IncidentBook:
             for inc, rank in computed:
                 j = inc.to_json(rank, self.lang)
                 seen.add(j["id"])
+                summaries = dumps({lang: summary(inc, lang) for lang in ("id", "en")})
                 status = "resolved" if j["resolved_at"] else "open"
                 row = {"id": j["id"], "agent": agent, "device": j["device"], "kind": j["kind"], "status": status,
                        "cause": j["cause"], "responsible": j["responsible"], "confidence": j["confidence"],
                        "rule": j["rule"], "opened_at": j["opened_at"], "resolved_at": j["resolved_at"],
-                       "evidence": dumps(j["evidence"]), "summary": j["summary"], "updated_at": now}
+                       "evidence": dumps(j["evidence"]), "summary": j["summary"], "summaries": summaries,
+                       "updated_at": now}
                 old = stored.get(j["id"])
                 if old is None:
                     db.execute(f"INSERT INTO incidents ({','.join(row)}) VALUES ({','.join('?' * len(row))})",

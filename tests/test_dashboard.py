@@ -81,6 +81,7 @@ def test_dashboard_in_chromium(site: tuple[str, Collector], tmp_path: Path) -> N
         cam_row.locator("button.open-detail").click()
         page.wait_for_selector("#detail[open]")
         assert "device.error" in page.locator("#d-evidence").inner_text()
+        assert "central IT's responsibility" in page.locator("#d-summary").inner_text()  # English now
         page.select_option("#d-cause", "handling_damage")
         page.fill("#d-reason", "kabel putus karena tertarik kursi")
         page.fill("#d-by", "ani (Pusdatin)")

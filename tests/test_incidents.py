@@ -357,3 +357,19 @@ def test_report_handling_command_queues_for_the_agent(tmp_path: Path) -> None:
     assert (msg.kind, msg.payload["type"], msg.payload["device"]["key"], msg.seq) == (
         "event", "handling.reported", CAM["key"], 1)
     assert msg.payload["context"]["note"] == "kabel tertarik"
+
+
+def test_schema_migrates_forward_and_refuses_newer(tmp_path: Path) -> None:
+    from collector.store.sqlite import MIGRATIONS
+
+    db = tmp_path / "old.sqlite"
+    con = sqlite3.connect(db)
+    con.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")  # a file from the first release
+    con.close()
+    store = SqliteStore(str(db))
+    assert store.schema_version() == len(MIGRATIONS)
+    assert "summaries" in {r["name"] for r in store.query("PRAGMA table_info(incidents)")}
+    store.db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    store.close()
+    with pytest.raises(RuntimeError, match="newer than this collector"):
+        SqliteStore(str(db))

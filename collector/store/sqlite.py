@@ -55,6 +55,10 @@ MIGRATIONS: list[str] = [
                         condition TEXT, note TEXT);
     CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
     """,
+    # 2: incident summaries in every interface language
+    """
+    ALTER TABLE incidents ADD COLUMN summaries TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 
 RESOLUTIONS = {300: "5m", 3600: "1h"}

@@ -28,6 +28,7 @@ MAX_BODY = 64 * 1024
 def incident_view(c: Collector, row: dict[str, Any]) -> dict[str, Any]:
     out = dict(row)
     out["evidence"] = json.loads(row["evidence"])
+    out["summaries"] = json.loads(row.get("summaries") or "{}")
     out["registry"] = lookup(c.store, row["device"], row["agent"])
     out["effective_cause"] = row["decided_cause"] or row["cause"]
     out["effective_responsible"] = row["decided_responsible"] or row["responsible"]

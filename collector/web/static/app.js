@@ -76,7 +76,7 @@ async function openDetail(id) {
   const i = await getJSON("/api/incidents/" + encodeURIComponent(id));
   current = i;
   document.getElementById("d-title").textContent = `${t(i.kind)} — ${i.device}`;
-  document.getElementById("d-summary").textContent = i.summary;
+  document.getElementById("d-summary").textContent = (i.summaries || {})[lang] || i.summary;
   document.getElementById("d-evidence").innerHTML = i.evidence.map((e) => `<li>${esc(e.ts)} ${esc(e.type)} <small>(${esc(e.boot)}#${esc(e.seq)})</small></li>`).join("");
   document.getElementById("d-history").innerHTML = i.history.map((h) => `<li>${esc(h.at)} ${esc(h.actor)}: ${esc(h.action)}</li>`).join("");
   document.getElementById("d-msg").textContent = "";
