@@ -95,6 +95,14 @@ def test_lines_recorded_from_the_rig_kernel() -> None:
     ]
 
 
+def test_late_camera_lines_from_the_rig() -> None:
+    assert sigs("rig-late-camera.dmesg") == [
+        (1, "1-1", "video.control_error", -110),
+        (3, "1-1", "video.control_error", None),  # a short answer, not an errno
+        (4, "1-1", "video.stream_error", -5),
+    ]
+
+
 def test_kmsg_records_and_continuations() -> None:
     assert sigs("kmsg.records") == [(1, "3-2", "usb.disconnect", None),
                                     (4, "3-2", "usb.enumeration_failed", -71)]

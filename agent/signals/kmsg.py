@@ -54,14 +54,16 @@ _RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(rf"usb {_DEV}: (?:Device not responding to setup address|"
                 rf"Cannot enable\. Maybe the USB cable is bad\?|unable to read config index \d+ descriptor/\w+"
                 rf"|can't read configurations, error (?P<errno>-\d+))"), "usb.enumeration_failed"),
-    (re.compile(rf"uvcvideo {_DEV}:[\d.]+: Failed to (?:query|set) .*?control.*?: (?P<errno>-\d+)"),
+    # ": -32 (exp. 26)" is an error; ": 1 (exp. 34)" a short answer (no errno)
+    (re.compile(rf"uvcvideo {_DEV}:[\d.]+: Failed to (?:query|set) .*?control.*?: (?:(?P<errno>-\d+)|\d+ \(exp)"),
      "video.control_error"),
     # Debian 6.1 logs uvcvideo's errors under the USB device's own name
-    (re.compile(rf"usb {_DEV}: Failed to (?:query|set) .*?UVC .*?control.*?: (?P<errno>-\d+)"),
+    (re.compile(rf"usb {_DEV}: Failed to (?:query|set) .*?UVC .*?control.*?: (?:(?P<errno>-\d+)|\d+ \(exp)"),
      "video.control_error"),
     (re.compile(rf"usb {_DEV}: Failed to (?:initialize the device|resubmit video URB|submit URB|start[\w ]*)"
                 r"(?: \((?P<errno>-\d+)\))?"), "video.stream_error"),
-    (re.compile(r"uvcvideo: Failed to (?:query|set) .*?control.*?: (?P<errno>-\d+)"), "video.control_error"),
+    (re.compile(r"uvcvideo: Failed to (?:query|set) .*?control.*?: (?:(?P<errno>-\d+)|\d+ \(exp)"),
+     "video.control_error"),
     (re.compile(rf"uvcvideo {_DEV}:[\d.]+: Non-zero status \((?P<errno>-(?:71|84|75))\) in"), "usb.protocol_error"),
     (re.compile(r"uvcvideo: Non-zero status \((?P<errno>-(?:71|84|75))\) in"), "usb.protocol_error"),
     (re.compile(rf"uvcvideo {_DEV}:[\d.]+: (?:Non-zero status \((?P<errno>-\d+)\) in|Failed to (?:resubmit|submit) "
