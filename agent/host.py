@@ -7,13 +7,11 @@ from typing import Any
 
 import psutil
 
-from agent.protocol import format_ts
+from agent.protocol import format_epoch
 
 
 def host_boot_ts() -> str:
-    from datetime import UTC, datetime
-
-    return format_ts(datetime.fromtimestamp(psutil.boot_time(), UTC))
+    return format_epoch(psutil.boot_time())
 
 
 def _temperature() -> float | None:

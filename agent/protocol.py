@@ -129,6 +129,11 @@ def format_ts(dt: datetime) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
+def format_epoch(t: float) -> str:
+    """RFC 3339 UTC with milliseconds for seconds since the epoch."""
+    return format_ts(datetime.fromtimestamp(t, UTC))
+
+
 def now_ts() -> str:
     return format_ts(datetime.now(UTC))
 

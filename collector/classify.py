@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.protocol import ERROR_CODES
+from agent.protocol import ERROR_CODES, format_epoch
 from collector.policy import RULES_BY_ID, Rule, Windows, rules_for
 from collector.timeline import AgentHistory, Evidence
 
@@ -422,7 +422,7 @@ def _unstable_incidents(
                     last_detach = d
                     continue
                 end = last_detach.ts + w.unstable_s
-                inc.resolve(None, end, _fmt(end))
+                inc.resolve(None, end, format_epoch(end))
             if j + 1 < need:
                 continue
             first_d, _ = cyc[j + 1 - need]
@@ -441,18 +441,11 @@ def _unstable_incidents(
         if inc is not None and inc.resolved_ts is None and last_detach is not None:
             end = last_detach.ts + w.unstable_s
             if clock > end:
-                inc.resolve(None, end, _fmt(end))
+                inc.resolve(None, end, format_epoch(end))
             else:
                 pending.append(end)
     return out
 
-
-def _fmt(ts: float) -> str:
-    from datetime import UTC, datetime
-
-    from agent.protocol import format_ts
-
-    return format_ts(datetime.fromtimestamp(ts, UTC))
 
 
 def sort_key(inc: Incident) -> tuple[float, str, tuple[int, int]]:

@@ -18,15 +18,23 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-from agent.protocol import SPEED_RANK, Message, ProtocolError, Topic, decode_message, format_ts, ts_seconds
+from agent.protocol import (
+    SPEED_RANK,
+    Message,
+    ProtocolError,
+    Topic,
+    decode_message,
+    format_epoch,
+    now_ts,
+    ts_seconds,
+)
 from collector.classify import evaluate
 from collector.incidents import IncidentBook
 from collector.policy import Windows
 from collector.store.sqlite import HOST_METRICS, SqliteStore, dumps
-from collector.timeline import AgentHistory, evidence_from
+from collector.timeline import AgentHistory, CaptureClock, evidence_from
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +46,6 @@ class Inbound:
     received_at: float  # wall clock, seconds
     stamp: str | None = None  # a capture's received_at, used for messages without ts
 
-
-def _fmt(t: float) -> str:
-    return format_ts(datetime.fromtimestamp(t, UTC))
 
 
 def _num(v: Any) -> float | None:
@@ -77,8 +82,7 @@ class Collector:
         self._last_classify = 0.0
         self._present: dict[str, frozenset[str]] = {}  # agent -> present set of its last telemetry evidence
         self._events_since_telemetry: set[str] = set()
-        self.clock: float | None = None
-        self.clock_str: str | None = None
+        self.capture_clock = CaptureClock()
         self.lock = threading.RLock()  # the ingest worker and the maintenance tick share this state
         self._load()
 
@@ -99,7 +103,7 @@ class Collector:
         for inc in self.store.query("SELECT min(opened_at) AS t FROM incidents WHERE status != 'withdrawn'"):
             if inc["t"] is not None:
                 since = min(since, ts_seconds(inc["t"]) - self.windows.handling_s)
-        self._followed = self._read_evidence("ts >= ?", (_fmt(since),))
+        self._followed = self._read_evidence("ts >= ?", (format_epoch(since),))
         self._dirty |= set(self.histories)
 
     def _read_evidence(self, where: str, args: tuple[Any, ...]) -> int:
@@ -121,20 +125,27 @@ class Collector:
             self._followed = self._read_evidence("id > ?", (self._followed,))
             clock = self.store.counters().get("clock_ms")
             if clock is not None and (self.clock is None or clock / 1000 > self.clock):
-                self._advance(_fmt(clock / 1000))
+                self._advance(format_epoch(clock / 1000))
             if self.clock is not None:
                 self._dirty |= {a for a, end in self.deadlines.items() if self.clock > end}
             self.classify_dirty()
 
+    @property
+    def clock(self) -> float | None:
+        return self.capture_clock.t
+
+    @property
+    def clock_str(self) -> str | None:
+        return self.capture_clock.ts
+
     def _advance(self, ts: str) -> None:
-        t = ts_seconds(ts)
-        if self.clock is None or t > self.clock:
-            self.clock, self.clock_str = t, ts
+        self.capture_clock.advance(ts)
 
     def _reject(self, db: Any, item: Inbound, exc: ProtocolError) -> None:
         self.rejected[exc.reason] += 1
         db.execute("INSERT INTO dead_letter (received_at, topic, reason, detail, payload) VALUES (?,?,?,?,?)",
-                   (_fmt(item.received_at), item.topic[:512], exc.reason, exc.detail[:512], item.payload[:4096]))
+                   (format_epoch(item.received_at), item.topic[:512], exc.reason, exc.detail[:512],
+                    item.payload[:4096]))
         now = time.monotonic()
         if now - self._log_gate.get(exc.reason, -1e9) >= 60:
             self._log_gate[exc.reason] = now
@@ -163,8 +174,8 @@ class Collector:
                 if msg.seq is not None and not self.store.mark_seen(db, msg.agent, msg.boot, msg.seq):
                     self.duplicates += 1
                     continue
-                # A will has no ts: the capture's received_at, else the clock as it stands, else now.
-                stamp = msg.ts or item.stamp or self.clock_str or _fmt(item.received_at)
+                stamp = self.capture_clock.stamp(msg.ts, item.stamp, format_epoch(item.received_at))
+                assert stamp is not None
                 self._advance(stamp)
                 self.last_lag = max(0.0, item.received_at - ts_seconds(stamp))
                 upd = agent_updates.setdefault(msg.agent, {})
@@ -212,7 +223,7 @@ class Collector:
         inventory = json.loads(row[0]["inventory"] or "[]")
         device = next((d for d in inventory if d.get("key") == device_key), {"key": device_key})
         with self.lock:
-            stamp = format_ts(datetime.now(UTC))
+            stamp = now_ts()
             payload = {"v": 1, "agent": agent, "boot": f"dashboard-{secrets.token_hex(6)}", "seq": 1, "ts": stamp,
                        "kind": "event",
                        "type": "handling.reported", "device": device,
@@ -253,7 +264,7 @@ class Collector:
         db.execute("INSERT INTO evidence (agent, boot, seq, ts, kind, type, device, payload, received_at) "
                    "VALUES (?,?,?,?,?,?,?,?,?)",
                    (msg.agent, msg.boot, seq, stamp, kind, etype, dev["key"] if dev else None, dumps(stored),
-                    _fmt(received_at)))
+                    format_epoch(received_at)))
         self._feed(msg, stamp)
 
     def _telemetry(self, db: Any, msg: Message, stamp: str, received_at: float, host_rows: list[tuple[Any, ...]],
@@ -284,7 +295,7 @@ class Collector:
                     "devices": [{"key": k, "present": True} for k in sorted(present)]}
             db.execute("INSERT INTO evidence (agent, boot, seq, ts, kind, type, device, payload, received_at) "
                        "VALUES (?,?,?,?,?,?,?,?,?)", (msg.agent, msg.boot, msg.seq, stamp, "telemetry", "telemetry",
-                                                      None, dumps(slim), _fmt(received_at)))
+                                                      None, dumps(slim), format_epoch(received_at)))
             self._feed(Message(msg.topic, slim), stamp)
 
     def _feed(self, msg: Message, stamp: str) -> None:

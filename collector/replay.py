@@ -8,11 +8,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO
 
-from agent.protocol import ProtocolError, decode_message, parse_ts
+from agent.protocol import ProtocolError, decode_message
 from collector.capture import Unparseable, parse_line
 from collector.classify import Incident, evaluate, sort_key
 from collector.policy import Windows
-from collector.timeline import AgentHistory, evidence_from
+from collector.timeline import AgentHistory, CaptureClock, evidence_from
 
 
 @dataclass
@@ -31,14 +31,8 @@ class Replayer:
     def __init__(self, windows: Windows | None = None) -> None:
         self.windows = windows or Windows()
         self.histories: dict[str, AgentHistory] = {}
-        self.clock: float | None = None
-        self.clock_str: str | None = None
+        self.clock = CaptureClock()
         self.result = ReplayResult()
-
-    def _advance(self, ts_str: str) -> None:
-        t = parse_ts(ts_str).timestamp()
-        if self.clock is None or t > self.clock:
-            self.clock, self.clock_str = t, ts_str
 
     def feed(self, topic: str, payload: bytes | dict, received_at: str | None = None) -> str:
         """Apply one message; returns "applied", "duplicate" or "rejected:<reason>"."""
@@ -51,11 +45,9 @@ class Replayer:
         if msg.seq is not None and hist is not None and hist.seen(msg.boot, msg.seq):
             self.result.duplicates += 1
             return "duplicate"
-        stamp = msg.ts
-        if stamp is None:
-            stamp = received_at if _valid_ts(received_at) else self.clock_str
+        stamp = self.clock.stamp(msg.ts, received_at)
         if stamp is not None:
-            self._advance(stamp)
+            self.clock.advance(stamp)
         ev = evidence_from(msg, stamp)
         if hist is None:
             hist = self.histories[msg.agent] = AgentHistory(msg.agent)
@@ -65,7 +57,7 @@ class Replayer:
         return "applied"
 
     def incidents(self) -> list[tuple[Incident, dict[str, int]]]:
-        clock = self.clock if self.clock is not None else float("-inf")
+        clock = self.clock.t if self.clock.t is not None else float("-inf")
         out: list[tuple[Incident, dict[str, int]]] = []
         for hist in self.histories.values():
             rank = hist.boot_rank()
@@ -73,15 +65,6 @@ class Replayer:
         out.sort(key=lambda pair: sort_key(pair[0]))
         return out
 
-
-def _valid_ts(value: str | None) -> bool:
-    if value is None:
-        return False
-    try:
-        parse_ts(value)
-    except ProtocolError:
-        return False
-    return True
 
 
 def replay_stream(stream: IO[str], windows: Windows | None = None) -> ReplayResult:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.protocol import Message, ts_seconds
+from agent.protocol import Message, ProtocolError, ts_seconds
 
 
 @dataclass(slots=True)
@@ -58,6 +58,32 @@ def evidence_from(msg: Message, stamped_ts: str | None = None) -> Evidence | Non
             return None
         return Evidence(**base, kind=kind, type=kind, keys=present)
     return Evidence(**base, kind=kind, type=f"state.{p.get('state')}", context={"reason": p.get("reason")})
+
+
+class CaptureClock:
+    """The clock policy windows run on: the latest valid ``ts`` seen (replay and live alike)."""
+
+    def __init__(self) -> None:
+        self.t: float | None = None
+        self.ts: str | None = None
+
+    def advance(self, ts: str) -> None:
+        t = ts_seconds(ts)
+        if self.t is None or t > self.t:
+            self.t, self.ts = t, ts
+
+    def stamp(self, msg_ts: str | None, received_at: str | None, fallback: str | None = None) -> str | None:
+        """The time of a message: its own ``ts``; for a will, a valid ``received_at``, else the clock
+        as it stands, else ``fallback``."""
+        if msg_ts is not None:
+            return msg_ts
+        if received_at is not None:
+            try:
+                ts_seconds(received_at)
+                return received_at
+            except ProtocolError:
+                pass
+        return self.ts or fallback
 
 
 class AgentHistory:

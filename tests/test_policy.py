@@ -371,3 +371,20 @@ def test_shared_examples(name: str, tmp_path: Path) -> None:
     expected = json.loads((EXAMPLES / f"{name}.expected.json").read_text())
     got = incidents((EXAMPLES / f"{name}.capture").read_text(), tmp_path)
     assert [{k: g[k] for k in expected[0]} for g in got] == expected
+
+
+def test_will_with_a_malformed_received_at_takes_the_clock(tmp_path: Path) -> None:
+    """Replay and the live path stamp a ts-less will the same way, and never fail on it."""
+    a = Agent().started()
+    a.error(30, CAM, "video.stream_error")
+    will = {"v": 1, "agent": "room-1", "boot": a.boot, "kind": "state", "state": "offline", "reason": "lost"}
+    c = Collector(SqliteStore(str(tmp_path / "w.sqlite")))
+    for line in a.lines:
+        rec = json.loads(line)
+        c.ingest([Inbound(rec["topic"], json.dumps(rec["payload"]).encode(), time.time())])
+    c.ingest([Inbound("pantau/v1/agents/room-1/state", json.dumps(will).encode(), time.time(), "not a time")])
+    [row] = c.store.query("SELECT ts FROM evidence WHERE type = 'state' AND payload LIKE '%offline%'")
+    assert row["ts"] == json.loads(a.lines[-1])["payload"]["ts"] == c.clock_str  # the clock as it stood
+    text = a.text() + json.dumps({"topic": "pantau/v1/agents/room-1/state", "payload": will,
+                                  "received_at": "not a time"}) + "\n"
+    assert [i["rule"] for i in replay(text)] == ["D2"]
