@@ -48,63 +48,61 @@ class IncidentBook:
 
         Incidents opened before ``since`` lie outside the evidence that was evaluated and are
         left as they are (never withdrawn for want of evidence that was merely pruned)."""
-        actions: list[tuple[str, dict[str, Any]]] = []
+        actions: list[tuple[str, str]] = []  # (incident id, action), in the order they happened
         with self.store.tx() as db:
+
+            def record(iid: str, action: str, detail: dict[str, Any]) -> None:
+                audit.append(db, now, "pantau", iid, action, detail)
+                actions.append((iid, action))
+
             cur = db.execute("SELECT * FROM incidents WHERE agent = ?", (agent,))
             cols = [d[0] for d in cur.description]
             stored = {r[0]: dict(zip(cols, r, strict=True)) for r in cur.fetchall()}
             seen = set()
             for inc, rank in computed:
                 j = inc.to_json(rank, self.lang)
-                seen.add(j["id"])
+                iid = j["id"]
+                seen.add(iid)
                 summaries = dumps({lang: summary(inc, lang) for lang in ("id", "en")})
                 status = "resolved" if j["resolved_at"] else "open"
-                row = {"id": j["id"], "agent": agent, "device": j["device"], "kind": j["kind"], "status": status,
+                row = {"id": iid, "agent": agent, "device": j["device"], "kind": j["kind"], "status": status,
                        "cause": j["cause"], "responsible": j["responsible"], "confidence": j["confidence"],
                        "rule": j["rule"], "opened_at": j["opened_at"], "resolved_at": j["resolved_at"],
                        "evidence": dumps(j["evidence"]), "summary": j["summary"], "summaries": summaries,
                        "updated_at": now}
-                old = stored.get(j["id"])
+                old = stored.get(iid)
                 if old is None:
                     db.execute(f"INSERT INTO incidents ({','.join(row)}) VALUES ({','.join('?' * len(row))})",
                                tuple(row.values()))
-                    actions.append(("opened", {"rule": j["rule"], "cause": j["cause"], "opened_at": j["opened_at"]}))
+                    record(iid, "opened", {"rule": j["rule"], "cause": j["cause"], "opened_at": j["opened_at"]})
                     if status == "resolved":
-                        actions.append(("resolved", {"resolved_at": j["resolved_at"]}))
-                else:
-                    if old["status"] == "withdrawn":
-                        actions.append(("reinstated", {"rule": j["rule"]}))
-                    if old["rule"] != j["rule"]:
-                        actions.append(("revised", {"from": {"rule": old["rule"], "cause": old["cause"]},
-                                                    "to": {"rule": j["rule"], "cause": j["cause"]}}))
-                    if old["resolved_at"] is None and j["resolved_at"] is not None:
-                        actions.append(("resolved", {"resolved_at": j["resolved_at"]}))
-                    elif old["resolved_at"] is not None and j["resolved_at"] is None and old["status"] != "withdrawn":
-                        actions.append(("reopened", {"previously_resolved_at": old["resolved_at"]}))
-                    changed = {k: v for k, v in row.items() if k != "updated_at" and old.get(k) != v}
-                    if changed:
-                        sets = ",".join(f"{k} = ?" for k in changed)
-                        db.execute(f"UPDATE incidents SET {sets}, updated_at = ? WHERE id = ?",
-                                   (*changed.values(), now, j["id"]))
-                for action, detail in actions:
-                    if "_done" not in detail:
-                        audit.append(db, now, "pantau", j["id"], action, detail)
-                        detail["_done"] = True
-                        detail["_id"] = j["id"]
+                        record(iid, "resolved", {"resolved_at": j["resolved_at"]})
+                    continue
+                if old["status"] == "withdrawn":
+                    record(iid, "reinstated", {"rule": j["rule"]})
+                if old["rule"] != j["rule"]:
+                    record(iid, "revised", {"from": {"rule": old["rule"], "cause": old["cause"]},
+                                            "to": {"rule": j["rule"], "cause": j["cause"]}})
+                if old["resolved_at"] is None and j["resolved_at"] is not None:
+                    record(iid, "resolved", {"resolved_at": j["resolved_at"]})
+                elif old["resolved_at"] is not None and j["resolved_at"] is None and old["status"] != "withdrawn":
+                    record(iid, "reopened", {"previously_resolved_at": old["resolved_at"]})
+                changed = {k: v for k, v in row.items() if k != "updated_at" and old.get(k) != v}
+                if changed:
+                    sets = ",".join(f"{k} = ?" for k in changed)
+                    db.execute(f"UPDATE incidents SET {sets}, updated_at = ? WHERE id = ?",
+                               (*changed.values(), now, iid))
             for sid, old in stored.items():
                 if since is not None and ts_seconds(old["opened_at"]) < since:
                     continue
                 if sid not in seen and old["status"] != "withdrawn":
                     db.execute("UPDATE incidents SET status = 'withdrawn', updated_at = ? WHERE id = ?", (now, sid))
-                    d = {"reason": "the evidence no longer supports it", "_id": sid}
-                    audit.append(db, now, "pantau", sid, "withdrawn", {"reason": d["reason"]})
-                    d["_done"] = True
-                    actions.append(("withdrawn", d))
-        for action, detail in actions:
-            rows = self.store.query("SELECT * FROM incidents WHERE id = ?", (detail["_id"],))
+                    record(sid, "withdrawn", {"reason": "the evidence no longer supports it"})
+        for iid, action in actions:
+            rows = self.store.query("SELECT * FROM incidents WHERE id = ?", (iid,))
             if rows:
                 self._notify(action, rows[0])
-        return [a for a, _ in actions]
+        return [a for _, a in actions]
 
     def get(self, incident_id: str) -> dict[str, Any] | None:
         rows = self.store.query("SELECT * FROM incidents WHERE id = ?", (incident_id,))
