@@ -33,7 +33,7 @@ from agent.protocol import (
 from collector.classify import evaluate
 from collector.incidents import IncidentBook
 from collector.policy import Windows
-from collector.store.sqlite import HOST_METRICS, SqliteStore, dumps
+from collector.store.sqlite import DEVICE_METRICS, HOST_METRICS, SqliteStore, dumps
 from collector.timeline import AgentHistory, CaptureClock, evidence_from
 
 log = logging.getLogger(__name__)
@@ -272,19 +272,19 @@ class Collector:
         p = msg.payload
         t = ts_seconds(stamp)
         host = p.get("host") if isinstance(p.get("host"), dict) else {}
-        host_rows.append((t, msg.agent, *(_num(host.get(k)) for k in HOST_METRICS)))
-        for d in p["devices"]:
-            device_rows.append((t, msg.agent, d["key"], _flag(d.get("present")), _flag(d.get("in_use")),
-                                _num(d.get("errors_total")), _num(d.get("resets_total")),
-                                SPEED_RANK.get(d.get("speed", ""))))
+        host_values = [_num(host.get(k)) for k in HOST_METRICS]
+        host_rows.append((t, msg.agent, *host_values))
+        devices = [(d["key"], (_flag(d.get("present")), _flag(d.get("in_use")), _num(d.get("errors_total")),
+                               _num(d.get("resets_total")), SPEED_RANK.get(d.get("speed", ""))))
+                   for d in p["devices"]]
+        device_rows.extend((t, msg.agent, key, *values) for key, values in devices)
         upd["host"] = host  # serialised once per batch, in _update_agent
         upd["devices"] = p["devices"]
         if self.timeseries is not None:
-            rows = [(t, msg.agent, "_host", k, v) for k in HOST_METRICS if (v := _num(host.get(k))) is not None]
-            for r in device_rows[-len(p["devices"]):] if p["devices"] else []:
-                rows += [(t, msg.agent, r[2], k, float(v)) for k, v in
-                         zip(("present", "in_use", "errors_total", "resets_total", "speed_rank"), r[3:], strict=True)
-                         if v is not None]
+            rows = [(t, msg.agent, "_host", k, v) for k, v in zip(HOST_METRICS, host_values, strict=True)
+                    if v is not None]
+            rows += [(t, msg.agent, key, k, float(v)) for key, values in devices
+                     for k, v in zip(DEVICE_METRICS, values, strict=True) if v is not None]
             self.timeseries.add(msg.agent, rows, *self._labels(db, msg.agent))
         present = frozenset(d["key"] for d in p["devices"] if d.get("present") is True)
         if present and (present != self._present.get(msg.agent) or msg.agent in self._events_since_telemetry):
