@@ -85,9 +85,6 @@ class InfluxSink:
         if points:
             self.write_api.write(bucket=self.bucket, org=self.org, record=points, write_precision=WritePrecision.MS)
 
-    def flush_pending(self) -> None:
-        """Batching flushes on its own interval; nothing to force per ingest batch."""
-
     def flush(self) -> None:
         self.write_api.flush()
 

@@ -171,20 +171,6 @@ class SqliteStore:
             db.execute("DELETE FROM rollup WHERE res = 300 AND bucket < ?", (now - self.retention.five_min_s,))
             db.execute("DELETE FROM rollup WHERE res = 3600 AND bucket < ?", (now - self.retention.hourly_s,))
 
-    def series(self, agent: str, device: str, metric: str, since: float, res: int = 0) -> list[dict[str, Any]]:
-        """One metric over time: raw (res 0) or rolled up (300 or 3600 s). Host metrics use device "_host"."""
-        if res == 0:
-            table, _dev, cols = next(w for w in _WIDE if (w[1] == "'_host'") == (device == "_host"))
-            if metric not in cols:
-                raise ValueError(f"unknown metric {metric!r}")
-            where = "" if device == "_host" else " AND device = ?"
-            args = (agent, since) if device == "_host" else (agent, since, device)
-            return self.query(f"SELECT ts, {metric} AS value FROM {table} WHERE agent=? AND ts>=?{where} "
-                              f"AND {metric} IS NOT NULL ORDER BY ts", args)
-        return self.query("SELECT bucket AS ts, sum/n AS value, min, max FROM rollup WHERE res=? AND agent=? "
-                          "AND device=? AND metric=? AND bucket>=? ORDER BY bucket",
-                          (res, agent, device, metric, since))
-
     def close(self) -> None:
         with self.lock:
             self.db.close()
