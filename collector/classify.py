@@ -178,6 +178,7 @@ class _Facts:
     def __init__(self, tl: list[Evidence], w: Windows) -> None:
         self.tl = tl
         self.w = w
+        self.pos = {id(e): i for i, e in enumerate(tl)}  # timeline position of each piece of evidence
         self.marks: dict[str, list[tuple[int, Evidence]]] = defaultdict(list)
         self.seen: dict[str, list[int]] = defaultdict(list)  # device seen: attach / inventory / telemetry present
         self.attaches: dict[str, list[int]] = defaultdict(list)
@@ -284,7 +285,7 @@ def evaluate(history: AgentHistory, clock: float, windows: Windows | None = None
     for inc in incidents:
         inc.device_info = f.last_device.get(inc.device, {})
         inc.order = (rank.get(inc.first.boot, 0), inc.first.seq)
-        inc.rule = _first_matching_rule(inc, tl, f, w, trouble_ts)
+        inc.rule = _first_matching_rule(inc, f, w, trouble_ts)
     return incidents
 
 
@@ -301,11 +302,10 @@ def _host_wide(inc: Incident, f: _Facts, w: Windows, trouble_ts: list[tuple[floa
     return False
 
 
-def _relied_mark(inc: Incident, tl: list[Evidence], f: _Facts, w: Windows) -> Evidence | None:
+def _relied_mark(inc: Incident, f: _Facts, w: Windows) -> Evidence | None:
     marks = f.marks.get(inc.device, [])
-    index = {id(e): i for i, e in enumerate(tl)}
     for err in inc.trouble:
-        ei = index[id(err)]
+        ei = f.pos[id(err)]
         for mi, m in marks:  # the earliest mark in the window: it started the episode
             if mi < ei and 0 <= err.ts - m.ts <= w.handling_s:
                 return m
@@ -313,14 +313,14 @@ def _relied_mark(inc: Incident, tl: list[Evidence], f: _Facts, w: Windows) -> Ev
 
 
 def _first_matching_rule(
-    inc: Incident, tl: list[Evidence], f: _Facts, w: Windows, trouble_ts: list[tuple[float, str]]
+    inc: Incident, f: _Facts, w: Windows, trouble_ts: list[tuple[float, str]]
 ) -> Rule:
     for rule in rules_for(inc.kind):
         rid = rule.id
         if rid == "H1" and _host_wide(inc, f, w, trouble_ts):
             return rule
         if rid == "D1":
-            mark = _relied_mark(inc, tl, f, w)
+            mark = _relied_mark(inc, f, w)
             if mark is not None:
                 inc.mark = mark
                 return rule
