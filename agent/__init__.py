@@ -1,3 +1,5 @@
 """Pantau agent: observe USB video-conference devices and report over MQTT."""
 
-__version__ = "1.0.0"
+from common import __version__
+
+__all__ = ["__version__"]

@@ -70,8 +70,8 @@ def _report_handling(cfg: AgentConfig, key: str, note: str) -> int:
     import os
     import secrets
 
-    from agent.protocol import encode, envelope, topic_for
     from agent.spool import Outbox
+    from common.protocol import encode, envelope, topic_for
 
     if not note.strip():
         print("pantau-agent report-handling: --note must say what happened", file=sys.stderr)

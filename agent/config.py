@@ -7,42 +7,12 @@ from __future__ import annotations
 
 import os
 import socket
-import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-from agent.protocol import DEFAULT_PREFIX, check_prefix, valid_agent_id
 from agent.usage import DEFAULT_MEETING_PROCESSES
-
-
-class ConfigError(ValueError):
-    """One clear line: which key, what is wrong."""
-
-
-@dataclass(frozen=True)
-class Broker:
-    scheme: str
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = None
-
-    @property
-    def tls(self) -> bool:
-        return self.scheme == "mqtts"
-
-
-def parse_broker(url: str, key: str = "broker") -> Broker:
-    try:
-        u = urlsplit(url)
-        port = u.port
-    except ValueError as exc:
-        raise ConfigError(f"config: {key}: {url!r} is not a broker URL ({exc})") from None
-    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-        raise ConfigError(f"config: {key}: {url!r} must look like mqtt://host:1883 or mqtts://host:8883")
-    return Broker(u.scheme, u.hostname, port or (8883 if u.scheme == "mqtts" else 1883),
-                  unquote(u.username) if u.username else None, unquote(u.password) if u.password else None)
+from common.config import Broker, ConfigError, parse_broker, read_toml
+from common.protocol import DEFAULT_PREFIX, check_prefix, valid_agent_id
 
 
 def _default_id() -> str:
@@ -128,17 +98,6 @@ def _coerce(name: str, value: Any, from_env: bool) -> Any:
     except (TypeError, ValueError) as exc:
         src = f"PANTAU_{name.upper()}" if from_env else name
         raise ConfigError(f"config: {src}: {value!r} {exc}") from None
-
-
-def read_toml(path: str, what: str = "config", error: type[ValueError] = ConfigError) -> dict[str, Any]:
-    """A TOML file as a dict; ``error`` with one clear line if it cannot be read or parsed."""
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except OSError as exc:
-        raise error(f"{what}: cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise error(f"{what}: {path} is not valid TOML: {exc}") from None
 
 
 def load(path: str | None = None, env: dict[str, str] | None = None, **overrides: Any) -> AgentConfig:

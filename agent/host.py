@@ -7,7 +7,7 @@ from typing import Any
 
 import psutil
 
-from agent.protocol import format_epoch
+from common.protocol import format_epoch
 
 
 def host_boot_ts() -> str:

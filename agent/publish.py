@@ -22,8 +22,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import AgentConfig
-from agent.protocol import encode, topic_for, will_payload
 from agent.spool import Outbox
+from common.protocol import encode, topic_for, will_payload
 
 log = logging.getLogger(__name__)
 MAX_INFLIGHT = 65_000

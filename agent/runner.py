@@ -16,13 +16,13 @@ from agent.config import AgentConfig
 from agent.host import gauges, host_boot_ts
 from agent.power import LogindSleepWatcher, SuspendDetector
 from agent.probe.usb import Prober, libusb_backend
-from agent.protocol import encode, envelope, topic_for
 from agent.publish import Session
 from agent.signals.kmsg import parse_lines
 from agent.signals.tail import KernelLogTail
 from agent.spool import Outbox
 from agent.usage import device_nodes, holders, meeting_running
 from agent.watch import Tick, Usage, Watcher
+from common.protocol import encode, envelope, topic_for
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.protocol import SPEED_RANK, truncate_message
 from agent.signals.kmsg import Signal
+from common.protocol import SPEED_RANK, truncate_message
 
 
 @dataclass

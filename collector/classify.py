@@ -14,9 +14,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.protocol import ERROR_CODES, format_epoch
 from collector.policy import RULES_BY_ID, Rule, Windows, rules_for
 from collector.timeline import AgentHistory, Evidence
+from common.protocol import ERROR_CODES, format_epoch
 
 _RESTART_ANCHORS = ("agent.started", "host.resumed")
 

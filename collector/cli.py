@@ -13,8 +13,8 @@ import threading
 import time
 from typing import Any
 
-from agent import __version__
-from agent.config import ConfigError
+from common import __version__
+from common.config import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,12 +45,12 @@ class Service:
     """Collector + subscriber + web, started and stopped together."""
 
     def __init__(self, cfg: Any) -> None:
-        from agent.config import parse_broker
         from collector.ingest import Collector
         from collector.registry import load_toml
         from collector.store.sqlite import SqliteStore
         from collector.subscriber import Subscriber
         from collector.web.server import WebServer
+        from common.config import parse_broker
 
         os.makedirs(os.path.dirname(os.path.abspath(cfg.db)), exist_ok=True)
         self.store = SqliteStore(cfg.db)

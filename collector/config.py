@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from agent.config import ConfigError, parse_broker, read_toml
 from collector.policy import Windows
+from common.config import ConfigError, parse_broker, read_toml
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from agent.protocol import ts_seconds
 from collector import audit
 from collector.classify import Incident, summary
 from collector.policy import CAUSES
 from collector.store.sqlite import SqliteStore, dumps
+from common.protocol import ts_seconds
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,12 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from agent.protocol import (
+from collector.classify import evaluate
+from collector.incidents import IncidentBook
+from collector.policy import Windows
+from collector.store.sqlite import DEVICE_METRICS, HOST_METRICS, SqliteStore, dumps
+from collector.timeline import AgentHistory, CaptureClock, evidence_from
+from common.protocol import (
     SPEED_RANK,
     Message,
     ProtocolError,
@@ -30,11 +35,6 @@ from agent.protocol import (
     now_ts,
     ts_seconds,
 )
-from collector.classify import evaluate
-from collector.incidents import IncidentBook
-from collector.policy import Windows
-from collector.store.sqlite import DEVICE_METRICS, HOST_METRICS, SqliteStore, dumps
-from collector.timeline import AgentHistory, CaptureClock, evidence_from
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from agent.config import read_toml
 from collector.store.sqlite import SqliteStore
+from common.config import read_toml
 
 
 class RegistryError(ValueError):

@@ -8,11 +8,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO
 
-from agent.protocol import ProtocolError, decode_message
 from collector.capture import Unparseable, parse_line
 from collector.classify import Incident, evaluate, sort_key
 from collector.policy import Windows
 from collector.timeline import AgentHistory, CaptureClock, evidence_from
+from common.protocol import ProtocolError, decode_message
 
 
 @dataclass

@@ -18,9 +18,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import Broker
-from agent.protocol import subscription_for
 from collector.ingest import Collector, Inbound
+from common.config import Broker
+from common.protocol import subscription_for
 
 log = logging.getLogger(__name__)
 CONNACK_TIMEOUT_S = 5.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.protocol import Message, ProtocolError, ts_seconds
+from common.protocol import Message, ProtocolError, ts_seconds
 
 
 @dataclass(slots=True)

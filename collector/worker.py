@@ -12,11 +12,11 @@ import signal
 import sys
 import threading
 
-from agent.config import ConfigError, parse_broker
 from collector.config import load
 from collector.ingest import Collector
 from collector.store.sqlite import SqliteStore
 from collector.subscriber import Subscriber
+from common.config import ConfigError, parse_broker
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,4 +74,4 @@ def test_cli_bad_config_is_one_line_and_exit_2() -> None:
 def test_help_and_version(cmd: str) -> None:
     assert run_cli(cmd, "--help").returncode == 0
     v = run_cli(cmd, "--version")
-    assert v.returncode == 0 and "1.0.0" in v.stdout
+    assert v.returncode == 0 and "1.1.0" in v.stdout

@@ -92,7 +92,7 @@ def test_broker_outage_loses_nothing(tmp_path: Path, mosquitto: Mosquitto) -> No
     assert seqs == sorted(seqs), "the outbox drained out of order"
     detach_ts = [e["ts"] for e in evs if e["type"] == "device.detached"]
     # original timestamps: taken during the outage, not at delivery
-    from agent.protocol import ts_seconds
+    from common.protocol import ts_seconds
 
     assert all(ts_seconds(t) < stamps[-1] + 1 for t in detach_ts)
 

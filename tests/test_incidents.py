@@ -331,7 +331,7 @@ def test_handling_reported_at_the_dashboard_marks_the_device(collector: Collecto
     # an error later that day is handling damage (D1), not a device fault
     from datetime import UTC, datetime
 
-    from agent.protocol import format_ts, ts_seconds
+    from common.protocol import format_ts, ts_seconds
 
     later = format_ts(datetime.fromtimestamp(ts_seconds(ev["ts"]) + 1, UTC))  # a second after the report
     err = {"v": 1, "agent": "room-1", "boot": "bootlater001", "seq": 1, "ts": later,
@@ -349,8 +349,8 @@ def test_report_handling_command_queues_for_the_agent(tmp_path: Path) -> None:
            "PANTAU_USB_BACKEND": "simulated", "PANTAU_SIMULATED_BUS": str(tmp_path / "none.json")}
     out = run_cli("agent.cli", "report-handling", CAM["key"], "--note", "kabel tertarik", env=env)
     assert out.returncode == 0, out.stderr
-    from agent.protocol import decode_message
     from agent.spool import Outbox
+    from common.protocol import decode_message
 
     [row] = Outbox(str(tmp_path / "outbox.sqlite")).pending()
     msg = decode_message(row.topic, row.payload)

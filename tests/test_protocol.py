@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.protocol import (
+from common.protocol import (
     MAX_PAYLOAD_BYTES,
     ProtocolError,
     decode_message,

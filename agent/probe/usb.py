@@ -13,7 +13,7 @@ from typing import Any
 import usb.core
 import usb.util
 
-from agent.protocol import device_key
+from common.protocol import device_key
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from agent.protocol import now_ts
 from collector import audit
 from collector.incidents import IncidentError
 from collector.ingest import Collector
 from collector.registry import RegistryError, lookup, upsert_loan
+from common.protocol import now_ts
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
