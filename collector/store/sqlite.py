@@ -59,6 +59,13 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE incidents ADD COLUMN summaries TEXT NOT NULL DEFAULT '{}';
     """,
+    # 3: policy 1.1: the policy version on every incident; each agent's own clock and clock offset
+    """
+    ALTER TABLE incidents ADD COLUMN policy TEXT NOT NULL DEFAULT '1';
+    ALTER TABLE agents ADD COLUMN clock TEXT;
+    ALTER TABLE agents ADD COLUMN clock_offset_s REAL;
+    CREATE INDEX evidence_received ON evidence (received_at);
+    """,
 ]
 
 RESOLUTIONS = {300: "5m", 3600: "1h"}
