@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from typing import Any
 
 from common import __version__
@@ -41,104 +40,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Service:
-    """Collector + subscriber + web, started and stopped together."""
-
-    def __init__(self, cfg: Any) -> None:
-        from collector.ingest import Collector
-        from collector.registry import load_toml
-        from collector.store.sqlite import SqliteStore
-        from collector.subscriber import Subscriber
-        from collector.web.server import WebServer
-        from common.config import parse_broker
-
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.db)), exist_ok=True)
-        self.store = SqliteStore(cfg.db)
-        if cfg.registry:
-            load_toml(self.store, cfg.registry)
-        ts = None
-        if cfg.influx_url:
-            from collector.store.influx import InfluxSink
-
-            ts = InfluxSink(cfg.influx_url, cfg.influx_token or "", cfg.influx_org or "", cfg.influx_bucket,
-                            cfg.influx_buffer)
-        self.collector = Collector(self.store, cfg.windows, cfg.prefix, lang=cfg.lang, timeseries=ts,
-                                   classify_every_s=1.0)
-        self.notifier = None
-        if cfg.smtp_host or cfg.webhook_url:
-            from collector.notify import Notifier, NotifyConfig
-
-            self.notifier = Notifier(self.store, NotifyConfig(
-                smtp_host=cfg.smtp_host, smtp_port=int(cfg.smtp_port), smtp_from=cfg.smtp_from,
-                central_it=[a.strip() for a in (cfg.central_it_email or "").split(",") if a.strip()],
-                webhook_url=cfg.webhook_url, delay_s=float(cfg.notify_delay_s),
-                dashboard_url=cfg.dashboard_url or ""))
-            self.collector.book.listeners.append(self.notifier.on_incident)
-        self.cfg = cfg
-        self.workers: list[subprocess.Popen[bytes]] = []
-        self.subscriber = None
-        if int(cfg.ingest_workers) == 1:
-            self.subscriber = Subscriber(self.collector, parse_broker(cfg.broker), cfg.client_id, cfg.prefix,
-                                         cfg.share_group, cfg.username, cfg.password, cfg.ca_file,
-                                         mqtt_version=cfg.mqtt_version)
-        host, port = cfg.http_host_port
-        self.web = WebServer(self.collector, host, port)
-        self._stop = threading.Event()
-
-    def start(self) -> None:
-        if self.notifier is not None:
-            self.notifier.start()
-        self.web.start()
-        if self.subscriber is not None:
-            self.subscriber.start()
-        else:
-            for i in range(int(self.cfg.ingest_workers)):
-                args = [sys.executable, "-m", "collector.worker", "--index", str(i)]
-                if self.config_path:
-                    args += ["--config", self.config_path]
-                self.workers.append(subprocess.Popen(args))
-            threading.Thread(target=self._follow, daemon=True).start()
-        threading.Thread(target=self._maintain, daemon=True).start()
-
-    config_path: str | None = None
-
-    def _follow(self) -> None:
-        while not self._stop.wait(0.5):
-            try:
-                self.collector.follow()
-            except Exception:
-                logging.getLogger(__name__).exception("following the workers failed")
-
-    def _maintain(self) -> None:
-        while not self._stop.wait(10):
-            try:
-                self.collector.tick()
-                self.store.roll_up_and_expire(time.time())
-                if self.collector.timeseries is not None:
-                    self.collector.timeseries.retry_buffer()
-            except Exception:
-                logging.getLogger(__name__).exception("maintenance failed")
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self.notifier is not None:
-            self.notifier.stop()
-        if self.subscriber is not None:
-            self.subscriber.stop()
-        for w in self.workers:
-            w.terminate()
-        for w in self.workers:
-            try:
-                w.wait(15)
-            except subprocess.TimeoutExpired:
-                w.kill()
-                w.wait()
-        self.web.stop()
-        if self.collector.timeseries is not None:
-            self.collector.timeseries.close()
-        self.store.close()
-
-
 def _wait_for_signal() -> None:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -147,6 +48,8 @@ def _wait_for_signal() -> None:
 
 
 def _serve(cfg: Any, config_path: str | None = None) -> int:
+    from collector.service import Service
+
     svc = Service(cfg)
     svc.config_path = config_path
     svc.start()
@@ -171,6 +74,8 @@ def _demo(cfg: Any, http: str | None) -> int:
 
     cfg = load(None, **{**overrides, "db": os.environ.get("PANTAU_DB", "var/pantau.sqlite"),
                         "registry": os.environ.get("PANTAU_REGISTRY") or _demo_registry()})
+    from collector.service import Service
+
     svc = Service(cfg)
     svc.start()
     env = {**os.environ, "PANTAU_BROKER": f"mqtt://127.0.0.1:{port}", "PANTAU_AGENT_ID": "demo-ruang-rapat-1",
