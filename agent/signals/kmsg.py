@@ -5,6 +5,12 @@ Accepts ``/dev/kmsg`` records (``6,1234,5678,-;usb 1-2: ...``), ``dmesg`` output
 lines of ``/dev/kmsg`` (starting with a space) carry no message and are ignored.
 Besides error codes it reports ``usb.disconnect`` and ``usb.new_device``, which the watcher
 uses to correlate, and which ``pantau-agent signals`` prints.
+
+Older kernels name less: ``hub 1-0:1.0: over-current condition on port 3`` names the hub and a
+port number (the port path is worked out here: ``1-3``), and snd-usb-audio before 3.16 printed
+``4:1:1: usb_set_interface failed`` (USB device number, interface, alternate setting) or
+``cannot submit urb (err = -18)`` with no device at all. Those signals carry ``devnum``/``iface``
+and no port; ``agent.signals.resolve`` finds the port in sysfs.
 """
 
 from __future__ import annotations
@@ -24,9 +30,15 @@ class Signal:
     code: str
     errno: int | None
     message: str
+    devnum: int | None = None  # USB device number, where a line names that instead of a port
+    iface: int | None = None  # interface number, likewise
 
     def as_json(self) -> dict[str, object]:
-        return {"line_no": self.line_no, "port": self.port, "code": self.code, "errno": self.errno}
+        out: dict[str, object] = {"line_no": self.line_no, "port": self.port, "code": self.code,
+                                  "errno": self.errno}
+        if self.devnum is not None:
+            out["devnum"] = self.devnum
+        return out
 
 
 def _hubport(m: re.Match[str]) -> str:
@@ -38,13 +50,29 @@ def _hubport(m: re.Match[str]) -> str:
 
 
 _HUBPORT = r"usb (?P<hub>usb\d+|\d+-\d+(?:\.\d+)*)-port(?P<hport>\d+)"
+# the older form names the hub's interface and a port number: "hub 1-0:1.0: ... port 3"
+_OLDHUB = r"hub (?P<hubdev>\d+-\d+(?:\.\d+)*):\d+\.\d+: "
+
+
+def _hubdev_port(hubdev: str, port: str) -> str:
+    """``1-0`` (bus 1's root hub) + 3 -> ``1-3``; ``2-1`` + 5 -> ``2-1.5``."""
+    bus, _, path = hubdev.partition("-")
+    return f"{bus}-{port}" if path == "0" else f"{hubdev}.{port}"
+
+
+_ALSA = r"^(?:ALSA [\w.]+:\d+:? )?"  # CONFIG_SND_VERBOSE_PRINTK's "ALSA pcm.c:250 "
 
 # (pattern, code, errno group or fixed errno). Order matters: first match wins.
 _RULES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(rf"usb {_DEV}: USB disconnect, device number \d+"), "usb.disconnect"),
-    (re.compile(rf"usb {_DEV}: new (?:[\w ]+?)(?:-speed)? USB device number \d+"), "usb.new_device"),
+    (re.compile(rf"usb {_DEV}: USB disconnect, (?:device number|address) \d+"), "usb.disconnect"),
+    (re.compile(rf"usb {_DEV}: new (?:[\w ]+?)(?:-speed)? USB device (?:number \d+|using \S+ and address \d+)"),
+     "usb.new_device"),
     (re.compile(rf"usb {_DEV}: reset [\w ]*?(?:-speed)? ?USB device number \d+"), "usb.reset"),
     (re.compile(rf"{_HUBPORT}: over-current (?:condition|change)"), "usb.over_current"),
+    (re.compile(rf"{_OLDHUB}over-current (?:condition|change) on port (?P<hport>\d+)"), "usb.over_current"),
+    (re.compile(rf"{_OLDHUB}port (?P<hport>\d+) disabled by hub \(EMI\?\)"), "usb.protocol_error"),
+    (re.compile(rf"{_OLDHUB}Cannot enable port (?P<hport>\d+)"), "usb.enumeration_failed"),
+    (re.compile(rf"usb {_DEV}: not running at top speed"), "usb.speed_degraded"),
     (re.compile(rf"{_HUBPORT}: unable to enumerate USB device"), "usb.enumeration_failed"),
     (re.compile(rf"{_HUBPORT}: (?:attempt power cycle|Cannot enable|connect-debounce failed)"),
      "usb.enumeration_failed"),
@@ -60,18 +88,25 @@ _RULES: list[tuple[re.Pattern[str], str]] = [
     # Debian 6.1 logs uvcvideo's errors under the USB device's own name
     (re.compile(rf"usb {_DEV}: Failed to (?:query|set) .*?UVC .*?control.*?: (?:(?P<errno>-\d+)|\d+ \(exp)"),
      "video.control_error"),
-    (re.compile(rf"usb {_DEV}: Failed to (?:initialize the device|resubmit video URB|submit URB|start[\w ]*)"
-                r"(?: \((?P<errno>-\d+)\))?"), "video.stream_error"),
+    (re.compile(rf"usb {_DEV}: Failed to (?:initialize the device|resubmit video URB|submit URB(?: \d+)?"
+                r"|start[\w ]*)(?: \((?P<errno>-\d+)\))?"), "video.stream_error"),
     (re.compile(r"uvcvideo: Failed to (?:query|set) .*?control.*?: (?:(?P<errno>-\d+)|\d+ \(exp)"),
      "video.control_error"),
     (re.compile(rf"uvcvideo {_DEV}:[\d.]+: Non-zero status \((?P<errno>-(?:71|84|75))\) in"), "usb.protocol_error"),
     (re.compile(r"uvcvideo: Non-zero status \((?P<errno>-(?:71|84|75))\) in"), "usb.protocol_error"),
+    # "Failed to submit URB 0 (-28)." / "Failed to resubmit video URB (-19).": the errno closes the line
     (re.compile(rf"uvcvideo {_DEV}:[\d.]+: (?:Non-zero status \((?P<errno>-\d+)\) in|Failed to (?:resubmit|submit) "
-                r"(?:video )?URB|Failed to initialize the device(?: \((?P<errno2>-\d+)\))?|Failed to start"
-                r"|Failed to set up)"), "video.stream_error"),
+                r"(?:video )?URB(?: \d+)?(?: \((?P<errno3>-\d+)\))?|Failed to initialize the device"
+                r"(?: \((?P<errno2>-\d+)\))?|Failed to start|Failed to set up)"), "video.stream_error"),
     (re.compile(r"uvcvideo: (?:Non-zero status \((?P<errno>-\d+)\) in|Failed to (?:resubmit|submit) (?:video )?URB"
-                r"|Failed to initialize the device(?: \((?P<errno2>-\d+)\))?)"), "video.stream_error"),
+                r"(?: \d+)?(?: \((?P<errno3>-\d+)\))?|Failed to initialize the device(?: \((?P<errno2>-\d+)\))?)"),
+     "video.stream_error"),
     (re.compile(rf"usb {_DEV}: [\d:]+ ?usb_set_interface failed \((?P<errno>-\d+)\)"), "audio.stream_error"),
+    # snd-usb-audio before 3.16: "<devnum>:<iface>:<altsetting>: ...", or no device at all
+    (re.compile(rf"{_ALSA}(?P<devnum>\d+):(?P<iface>\d+):\d+: usb_set_interface failed(?: \((?P<errno>-\d+)\))?"),
+     "audio.stream_error"),
+    (re.compile(rf"{_ALSA}cannot submit (?:(?:data|sync)pipe for )?urb(?: \d+)?"
+                r"(?: \(err = (?P<errno>-\d+)\)|, error (?P<errno2>-\d+))"), "audio.stream_error"),
     (re.compile(rf"usb {_DEV}: (?:\d+:\d+: )?cannot submit urb(?:.*?(?:err(?:or)?\s*=?\s*)(?P<errno>-\d+))?"),
      "audio.stream_error"),
     (re.compile(rf"usb {_DEV}: (?:\d+:\d+: )?cannot (?:get|set) (?:freq|min/max|ctl value)"
@@ -117,14 +152,18 @@ def parse_line(line: str, line_no: int = 0) -> Signal | None:
         gd = m.groupdict()
         if gd.get("hub") is not None:
             port: str | None = _hubport(m)
+        elif gd.get("hubdev") is not None:
+            port = _hubdev_port(gd["hubdev"], gd["hport"])
         else:
             port = gd.get("port")
-        raw_errno = gd.get("errno") or gd.get("errno2")
+        raw_errno = gd.get("errno") or gd.get("errno2") or gd.get("errno3")
         errno = int(raw_errno) if raw_errno else None
         if code == "usb.enumeration_failed" and errno is None:
             m2 = re.search(r"error (-\d+)", msg)
             errno = int(m2.group(1)) if m2 else None
-        return Signal(line_no, port, _timeout_code(code, errno), errno, msg[:512])
+        devnum = int(gd["devnum"]) if gd.get("devnum") else None
+        iface = int(gd["iface"]) if gd.get("iface") else None
+        return Signal(line_no, port, _timeout_code(code, errno), errno, msg[:512], devnum, iface)
     return None
 
 
