@@ -1,8 +1,11 @@
-"""Collector configuration: flat TOML, every key overridable by ``PANTAU_<KEY>``; one clear line on error."""
+"""Collector configuration: flat TOML, every key overridable by ``PANTAU_<KEY>``; values coerced to their
+types (``smtp_port = 587`` and ``smtp_port = "587"`` alike); one clear line naming the key on error."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -18,7 +21,7 @@ class CollectorConfig:
     ca_file: str | None = None
     client_id: str = "pantau-collector"
     share_group: str | None = None
-    ingest_workers: str = "1"  # > 1: that many worker processes on an MQTT 5 shared subscription
+    ingest_workers: int = 1  # > 1: that many worker processes on an MQTT 5 shared subscription
     prefix: str = "pantau"
     mqtt_version: str = "auto"  # auto (5, falling back to 3.1.1) | 5 | 3.1.1
     db: str = "var/pantau.sqlite"
@@ -31,18 +34,74 @@ class CollectorConfig:
     influx_bucket: str | None = None
     influx_buffer: str = "var/influx-buffer.sqlite"
     smtp_host: str | None = None
-    smtp_port: str = "25"
+    smtp_port: int = 25
     smtp_from: str = "pantau@localhost"
     central_it_email: str | None = None  # comma-separated
     webhook_url: str | None = None
-    notify_delay_s: str = "60"
+    notify_delay_s: float = 60.0
     dashboard_url: str | None = None
+    audit_key_file: str | None = None  # default: audit.key beside the database
+    session_hours: float = 12.0
+    auth_proxy_header: str | None = None  # e.g. X-Remote-User, set by an authenticating reverse proxy
+    auth_proxy_from: str = "127.0.0.1,::1"  # the proxy's addresses: the header is ignored from others
+    metrics_require_token: bool = False
+    http_request_timeout_s: float = 10.0
+    http_max_connections: int = 4096
     windows: Windows = field(default_factory=Windows)
 
     @property
     def http_host_port(self) -> tuple[str, int]:
         host, _, port = self.http.rpartition(":")
         return host or "127.0.0.1", int(port)
+
+
+# key -> (type, lowest allowed, highest allowed)
+_INTS: dict[str, tuple[int, int]] = {"ingest_workers": (1, 32), "smtp_port": (1, 65535),
+                                     "http_max_connections": (16, 1_000_000)}
+_FLOATS: dict[str, tuple[float, float]] = {"notify_delay_s": (0.0, 86400.0 * 7), "session_hours": (0.01, 24.0 * 90),
+                                           "http_request_timeout_s": (0.5, 3600.0)}
+_BOOLS = {"metrics_require_token"}
+_TRUE = ("true", "1", "yes", "on")
+
+
+def _coerce(name: str, value: Any, from_env: bool) -> Any:
+    src = f"PANTAU_{name.upper()}" if from_env else name
+    try:
+        if name in _INTS:
+            lo, hi = _INTS[name]
+            if isinstance(value, bool | float) or (
+                    isinstance(value, str) and not value.strip().lstrip("+").isdigit()):
+                raise ValueError
+            iv = int(value)
+            if not lo <= iv <= hi:
+                raise ValueError
+            return iv
+        if name in _FLOATS:
+            flo, fhi = _FLOATS[name]
+            if isinstance(value, bool):
+                raise ValueError
+            fv = float(value)
+            if not flo <= fv <= fhi:  # also refuses nan
+                raise ValueError
+            return fv
+        if name in _BOOLS:
+            if isinstance(value, bool):
+                return value
+            word = value.strip().lower() if isinstance(value, str) else ""
+            if word in _TRUE or word in ("false", "0", "no", "off"):
+                return word in _TRUE
+            raise TypeError
+    except ValueError:
+        if name in _INTS:
+            lo, hi = _INTS[name]
+            raise ConfigError(f"config: {src}: {value!r} must be a whole number from {lo} to {hi}") from None
+        flo, fhi = _FLOATS[name]
+        raise ConfigError(f"config: {src}: {value!r} must be a number from {flo:g} to {fhi:g}") from None
+    except TypeError:
+        raise ConfigError(f"config: {src}: {value!r} must be true or false") from None
+    if not isinstance(value, str):
+        raise ConfigError(f"config: {src}: must be a string")
+    return value
 
 
 def load(path: str | None = None, env: dict[str, str] | None = None, **overrides: Any) -> CollectorConfig:
@@ -61,15 +120,13 @@ def load(path: str | None = None, env: dict[str, str] | None = None, **overrides
                     values[k] = Windows.from_mapping(v)
                 except ValueError as exc:
                     raise ConfigError(f"config: {exc}") from None
-            elif not isinstance(v, str):
-                raise ConfigError(f"config: {k}: must be a string")
             else:
-                values[k] = v
+                values[k] = _coerce(k, v, False)
     for name in names - {"windows"}:
         ev = env.get(f"PANTAU_{name.upper()}")
         if ev:
-            values[name] = ev
-    values.update({k: v for k, v in overrides.items() if v is not None})
+            values[name] = _coerce(name, ev, True)
+    values.update({k: _coerce(k, v, False) if k != "windows" else v for k, v in overrides.items() if v is not None})
     cfg = CollectorConfig(**values)
     parse_broker(cfg.broker)
     try:
@@ -82,14 +139,18 @@ def load(path: str | None = None, env: dict[str, str] | None = None, **overrides
         raise ConfigError(f"config: mqtt_version: {cfg.mqtt_version!r} must be auto, 5 or 3.1.1")
     if cfg.lang not in ("id", "en"):
         raise ConfigError(f"config: lang: {cfg.lang!r} must be id or en")
-    if not cfg.ingest_workers.isdigit() or not 1 <= int(cfg.ingest_workers) <= 32:
-        raise ConfigError(f"config: ingest_workers: {cfg.ingest_workers!r} must be a whole number from 1 to 32")
-    for key in ("smtp_port", "notify_delay_s"):
-        try:
-            if float(getattr(cfg, key)) < 0:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(f"config: {key}: {getattr(cfg, key)!r} must be a non-negative number") from None
     if cfg.influx_url and not cfg.influx_bucket:
         raise ConfigError("config: influx_bucket: needed when influx_url is set")
+    if cfg.auth_proxy_header is not None and not _HEADER_RE.match(cfg.auth_proxy_header):
+        raise ConfigError(f"config: auth_proxy_header: {cfg.auth_proxy_header!r} is not an HTTP header name")
+    for addr in cfg.auth_proxy_from.split(","):
+        try:
+            ipaddress.ip_address(addr.strip())
+        except ValueError:
+            raise ConfigError(f"config: auth_proxy_from: {addr.strip()!r} is not an IP address") from None
+    if cfg.dashboard_url is not None and not re.match(r"^https?://[^/\s]+", cfg.dashboard_url):
+        raise ConfigError(f"config: dashboard_url: {cfg.dashboard_url!r} must look like https://pantau.example.go.id/")
     return cfg
+
+
+_HEADER_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")

@@ -9,6 +9,7 @@ retention (defaults: raw 14 days, 5-minute 90 days, hourly 2 years).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -64,9 +65,35 @@ MIGRATIONS: list[str] = [
     ALTER TABLE incidents ADD COLUMN policy TEXT NOT NULL DEFAULT '1';
     ALTER TABLE agents ADD COLUMN clock TEXT;
     ALTER TABLE agents ADD COLUMN clock_offset_s REAL;
-    CREATE INDEX evidence_received ON evidence (received_at);
+    ALTER TABLE agents ADD COLUMN horizon REAL;
+    ALTER TABLE incidents ADD COLUMN needs_from REAL;
+    ALTER TABLE evidence ADD COLUMN flag TEXT;
+    ALTER TABLE host_samples ADD COLUMN rx REAL;
+    ALTER TABLE device_samples ADD COLUMN rx REAL;
+    ALTER TABLE rollup ADD COLUMN rx REAL;
+    CREATE INDEX host_samples_rx ON host_samples (rx);
+    CREATE INDEX device_samples_rx ON device_samples (rx);
+    """,
+    # 4: accounts and roles, sessions, API and one-time sign-in tokens (hashes only), failed logins;
+    # loans remember whether the registry file or a person (through the API) last set them
+    """
+    CREATE TABLE users (name TEXT PRIMARY KEY, role TEXT NOT NULL, unit TEXT, password TEXT,
+                        disabled INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL);
+    CREATE TABLE sessions (id TEXT PRIMARY KEY, user TEXT NOT NULL, csrf TEXT NOT NULL, created_at REAL NOT NULL,
+                           expires_at REAL NOT NULL);
+    CREATE INDEX sessions_user ON sessions (user);
+    CREATE TABLE tokens (id TEXT PRIMARY KEY, user TEXT NOT NULL, kind TEXT NOT NULL, label TEXT,
+                         created_at REAL NOT NULL, expires_at REAL, last_used REAL);
+    CREATE INDEX tokens_user ON tokens (user);
+    CREATE TABLE login_failures (at REAL NOT NULL, username TEXT NOT NULL, remote TEXT NOT NULL);
+    CREATE INDEX login_failures_at ON login_failures (at);
+    ALTER TABLE loans ADD COLUMN source TEXT NOT NULL DEFAULT 'file';
+    ALTER TABLE loans ADD COLUMN updated_by TEXT;
+    ALTER TABLE loans ADD COLUMN updated_at TEXT;
     """,
 ]
+
+log = logging.getLogger(__name__)
 
 RESOLUTIONS = {300: "5m", 3600: "1h"}
 HOST_METRICS = ("cpu_pct", "mem_pct", "disk_pct", "uptime_s", "temp_c")
@@ -81,18 +108,35 @@ class Retention:
     hourly_s: float = 730 * 86400
 
 
+class StoreError(RuntimeError):
+    """The store cannot be opened: one line saying which file and why."""
+
+
 class SqliteStore:
     def __init__(self, path: str, retention: Retention | None = None) -> None:
         self.path = path
         self.retention = retention or Retention()
         self.lock = threading.RLock()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA busy_timeout=5000")
-        self._boot_ids: dict[tuple[str, str], int] = {}
-        self.migrate()
+        self.created_empty = os.path.exists(path) and os.path.getsize(path) == 0
+        if self.created_empty:
+            log.warning("store: %s is an empty file; a new database is created in it", path)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a batch acknowledged to the broker after COMMIT survives a power loss too
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA busy_timeout=5000")
+            self.db.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+        except (sqlite3.DatabaseError, OSError) as exc:
+            raise StoreError(f"store: cannot open {path}: {exc} (not a Pantau database, damaged or unreadable; "
+                             "restore it from a backup or move it away)") from None
+        self._boot_ids: dict[tuple[str, str], int] = {}  # committed rows only
+        self._pending_ids: dict[tuple[str, str], int] = {}  # created in the open transaction
+        try:
+            self.migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"store: cannot migrate {path}: {exc}") from None
 
     # ------------------------------------------------------------------ schema
     def schema_version(self) -> int:
@@ -108,41 +152,62 @@ class SqliteStore:
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; COMMIT inside it, so a commit that fails (a full disk) rolls back too."""
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
+                self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
-                self._boot_ids.clear()  # ids handed out in this transaction are gone with it
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                self._pending_ids.clear()  # ids handed out in this transaction are gone with it
                 raise
-            self.db.execute("COMMIT")
+            self._boot_ids.update(self._pending_ids)
+            self._pending_ids.clear()
 
-    def query(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+    @contextmanager
+    def savepoint(self, db: sqlite3.Connection) -> Iterator[None]:
+        """Inside ``tx``: undo just this part if it raises (one message of a batch)."""
+        db.execute("SAVEPOINT one")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK TO one")
+            db.execute("RELEASE one")
+            self._pending_ids.clear()  # may name rows just undone; they are looked up again
+            raise
+        db.execute("RELEASE one")
+
+    def query(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
         with self.lock:
             cur = self.db.execute(sql, tuple(args))
             cols = [d[0] for d in cur.description or ()]
-            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]  # type: ignore[misc]
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
     # ------------------------------------------------------------------ ingest side
     def mark_seen(self, db: sqlite3.Connection, agent: str, boot: str, seq: int) -> bool:
         """True the first time ``(agent, boot, seq)`` is seen (keyed by a small integer per boot)."""
-        bid = self._boot_ids.get((agent, boot))
+        ident = (agent, boot)
+        bid = self._boot_ids.get(ident) or self._pending_ids.get(ident)
         if bid is None:
-            db.execute("INSERT OR IGNORE INTO boots (agent, boot) VALUES (?, ?)", (agent, boot))
-            bid = int(db.execute("SELECT id FROM boots WHERE agent = ? AND boot = ?", (agent, boot)).fetchone()[0])
+            db.execute("INSERT OR IGNORE INTO boots (agent, boot) VALUES (?, ?)", ident)
+            bid = int(db.execute("SELECT id FROM boots WHERE agent = ? AND boot = ?", ident).fetchone()[0])
             if len(self._boot_ids) > 100_000:
                 self._boot_ids.clear()
-            self._boot_ids[(agent, boot)] = bid
+            self._pending_ids[ident] = bid
         return db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (bid, seq)).rowcount == 1
 
     @staticmethod
     def add_samples(db: sqlite3.Connection, host: list[tuple[Any, ...]], devices: list[tuple[Any, ...]]) -> None:
-        """Wide rows: one per telemetry message for the host, one per device."""
+        """Wide rows: one per telemetry message for the host, one per device; each ends with its
+        receive time (``rx``), by which housekeeping judges age."""
         if host:
-            db.executemany("INSERT INTO host_samples VALUES (?, ?, ?, ?, ?, ?, ?)", host)
+            db.executemany("INSERT INTO host_samples (ts, agent, cpu_pct, mem_pct, disk_pct, uptime_s, temp_c, rx) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", host)
         if devices:
-            db.executemany("INSERT INTO device_samples VALUES (?, ?, ?, ?, ?, ?, ?, ?)", devices)
+            db.executemany("INSERT INTO device_samples (ts, agent, device, present, in_use, errors_total, "
+                           "resets_total, speed_rank, rx) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", devices)
 
     @staticmethod
     def bump(db: sqlite3.Connection, name: str, by: int = 1) -> None:
@@ -154,7 +219,11 @@ class SqliteStore:
 
     # ------------------------------------------------------------------ maintenance
     def roll_up_and_expire(self, now: float) -> None:
-        """Fold raw samples into 5-minute and hourly buckets; drop what is past retention."""
+        """Fold raw samples into 5-minute and hourly buckets; drop what is past retention.
+
+        Age is judged by receive time (``rx``), never by an agent's clock: a sample is rolled up
+        once it was received, into the bucket of its own ``ts``, and kept for as long as samples
+        received with it, whatever that agent's clock says."""
         with self.tx() as db:
             for res in RESOLUTIONS:
                 mark = db.execute("SELECT value FROM counters WHERE name = ?", (f"rollup_mark_{res}",)).fetchone()
@@ -162,21 +231,26 @@ class SqliteStore:
                 for table, device, metrics in _WIDE:
                     for metric in metrics:
                         db.execute(
-                            f"""INSERT INTO rollup (res, bucket, agent, device, metric, n, sum, min, max)
+                            f"""INSERT INTO rollup (res, bucket, agent, device, metric, n, sum, min, max, rx)
                                 SELECT ?, CAST(ts / ? AS INTEGER) * ?, agent, {device}, ?, count({metric}),
-                                       sum({metric}), min({metric}), max({metric})
-                                FROM {table} WHERE ts >= ? AND ts < ? AND {metric} IS NOT NULL
+                                       sum({metric}), min({metric}), max({metric}), max(coalesce(rx, ts))
+                                FROM {table} WHERE coalesce(rx, ts) >= ? AND coalesce(rx, ts) < ?
+                                  AND {metric} IS NOT NULL
                                 GROUP BY 2, agent, {device}
                                 ON CONFLICT (res, agent, device, metric, bucket) DO UPDATE SET
                                   n = n + excluded.n, sum = sum + excluded.sum,
-                                  min = min(min, excluded.min), max = max(max, excluded.max)""",
+                                  min = min(min, excluded.min), max = max(max, excluded.max),
+                                  rx = max(coalesce(rx, 0), excluded.rx)""",
                             (res, res, res, metric, lo, hi))
                 db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
                            (f"rollup_mark_{res}", int(hi)))
-            db.execute("DELETE FROM host_samples WHERE ts < ?", (now - self.retention.raw_s,))
-            db.execute("DELETE FROM device_samples WHERE ts < ?", (now - self.retention.raw_s,))
-            db.execute("DELETE FROM rollup WHERE res = 300 AND bucket < ?", (now - self.retention.five_min_s,))
-            db.execute("DELETE FROM rollup WHERE res = 3600 AND bucket < ?", (now - self.retention.hourly_s,))
+            raw = now - self.retention.raw_s
+            db.execute("DELETE FROM host_samples WHERE coalesce(rx, ts) < ?", (raw,))
+            db.execute("DELETE FROM device_samples WHERE coalesce(rx, ts) < ?", (raw,))
+            db.execute("DELETE FROM rollup WHERE res = 300 AND coalesce(rx, bucket) < ?",
+                       (now - self.retention.five_min_s,))
+            db.execute("DELETE FROM rollup WHERE res = 3600 AND coalesce(rx, bucket) < ?",
+                       (now - self.retention.hourly_s,))
 
     def close(self) -> None:
         with self.lock:
@@ -184,4 +258,5 @@ class SqliteStore:
 
 
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON that never carries NaN or Infinity (ValueError instead)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
