@@ -20,6 +20,7 @@ class Service:
         from collector.store.sqlite import SqliteStore
         from collector.subscriber import Subscriber
         from collector.web.server import WebServer
+        from collector.web.settings import WebSettings
         from common.config import parse_broker
 
         os.makedirs(os.path.dirname(os.path.abspath(cfg.db)), exist_ok=True)
@@ -52,7 +53,7 @@ class Service:
                                          cfg.share_group, cfg.username, cfg.password, cfg.ca_file,
                                          mqtt_version=cfg.mqtt_version)
         host, port = cfg.http_host_port
-        self.web = WebServer(self.collector, host, port)
+        self.web = WebServer(self.collector, host, port, settings=WebSettings.from_config(cfg))
         self._stop = threading.Event()
 
     def start(self) -> None:
