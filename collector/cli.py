@@ -1,4 +1,4 @@
-"""``pantau-collector``: serve, replay, demo, audit verify."""
+"""``pantau-collector``: serve, replay, demo, audit verify, user (accounts)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,24 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--http", default=None, help="dashboard address (default 127.0.0.1:8080)")
     a = sub.add_parser("audit", help="the incident audit chain")
     a.add_argument("action", choices=("verify",))
+    u = sub.add_parser("user", help="accounts: add, list, disable, password, token, link")
+    us = u.add_subparsers(dest="user_cmd", metavar="ACTION", required=True)
+    ua = us.add_parser("add", help="add an account")
+    ua.add_argument("name")
+    ua.add_argument("--role", required=True, choices=("admin", "operator", "pic", "viewer"))
+    ua.add_argument("--unit", help="the unit a pic belongs to")
+    ua.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    us.add_parser("list", help="list accounts")
+    ud = us.add_parser("disable", help="disable an account: its sessions end, its tokens stop working")
+    ud.add_argument("name")
+    up = us.add_parser("password", help="set an account's password (from stdin)")
+    up.add_argument("name")
+    up.add_argument("--password-stdin", action="store_true", required=True)
+    ut = us.add_parser("token", help="create an API token for scripts (Authorization: Bearer ...); printed once")
+    ut.add_argument("name")
+    ut.add_argument("--label", default="script")
+    ul = us.add_parser("link", help="print a one-time sign-in link (valid 24 h)")
+    ul.add_argument("name")
     return p
 
 
@@ -48,8 +66,10 @@ def _wait_for_signal() -> None:
 
 
 def _serve(cfg: Any, config_path: str | None = None) -> int:
+    from collector import audit
     from collector.service import Service
 
+    audit.configure(cfg.db, cfg.audit_key_file)
     svc = Service(cfg)
     svc.config_path = config_path
     svc.start()
@@ -74,17 +94,29 @@ def _demo(cfg: Any, http: str | None) -> int:
 
     cfg = load(None, **{**overrides, "db": os.environ.get("PANTAU_DB", "var/pantau.sqlite"),
                         "registry": os.environ.get("PANTAU_REGISTRY") or _demo_registry()})
+    from collector import audit, users
     from collector.service import Service
 
+    audit.configure(cfg.db, cfg.audit_key_file)
     svc = Service(cfg)
     svc.start()
+    store = svc.collector.store
+    admin = users.any_admin(store)
+    if admin is None:
+        admin = users.add(store, "admin", "admin", None, None, "demo").name
+    link = f"{svc.web.address}login#once={users.new_token(store, admin, 'demo sign-in link', 'demo', kind='once')}"
     env = {**os.environ, "PANTAU_BROKER": f"mqtt://127.0.0.1:{port}", "PANTAU_AGENT_ID": "demo-ruang-rapat-1",
            "PANTAU_STATE_DIR": os.path.join("var", "agent"), "PANTAU_TELEMETRY_S": "10",
            "PANTAU_MQTT_VERSION": "3.1.1",
            "PANTAU_LABELS": "unit=setjen,room=ruang-rapat-1"}
     bus = os.path.abspath(os.path.join("var", "sim", "room.json"))
     agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "simulate", "--bus", bus], env=env)
-    print(f"\nPantau demo is running.\n  Dashboard: {svc.web.address}\n  Simulated room: edit {bus}\n"
+    print(f"\nPantau demo is running.\n  Dashboard: {svc.web.address}\n"
+          f"  Sign in:   {link}\n"
+          f"             (a one-time link for the account {admin!r}, valid 24 h; each start prints a new one.\n"
+          f"             To sign in with a password instead: .venv/bin/pantau-collector user password {admin} "
+          "--password-stdin)\n"
+          f"  Simulated room: edit {bus}\n"
           "  (remove a device to unplug it, change its port to move it, add \"errors\" to break it)\n"
           "  Ctrl-C stops everything.\n", flush=True)
     try:
@@ -134,6 +166,7 @@ condition = "baru"
 
 
 def _audit_verify(cfg: Any) -> int:
+    """Checks from a read-only connection of its own (one snapshot): a running collector is not held up."""
     import sqlite3
 
     from collector import audit
@@ -141,10 +174,60 @@ def _audit_verify(cfg: Any) -> int:
     if not os.path.exists(cfg.db):
         print(f"pantau-collector audit: no database at {cfg.db}", file=sys.stderr)
         return 2
-    db = sqlite3.connect(cfg.db)
-    n, broken, why = audit.verify(db)
+    try:
+        n, broken, why = audit.verify_file(cfg.db, cfg.audit_key_file or audit.default_key_file(cfg.db))
+    except (audit.AuditKeyError, sqlite3.Error) as exc:
+        print(f"pantau-collector audit: {exc}", file=sys.stderr)
+        return 2
     print(f"{n} entries checked: {why}")
     return 0 if broken is None else 1
+
+
+def _read_password() -> str:
+    line = sys.stdin.readline()
+    return line[:-1] if line.endswith("\n") else line
+
+
+def _user(cfg: Any, args: argparse.Namespace) -> int:
+    """Account commands, on the same database and audit key as ``serve`` (safe while it runs)."""
+    import getpass
+
+    from collector import audit, users
+    from collector.store.sqlite import SqliteStore
+
+    by = f"cli:{getpass.getuser()}"
+    audit.configure(cfg.db, cfg.audit_key_file)
+    store = SqliteStore(cfg.db)
+    try:
+        if args.user_cmd == "add":
+            password = _read_password() if args.password_stdin else None
+            u = users.add(store, args.name, args.role, args.unit, password, by)
+            if u.unit and not store.query("SELECT 1 FROM units WHERE id = ?", (u.unit,)):
+                print(f"pantau-collector user: note: unit {u.unit!r} is not in the registry (yet)", file=sys.stderr)
+            print(f"added {u.name} ({u.role}{', ' + u.unit if u.unit else ''})"
+                  + ("" if password else ": no password; use `user password`, `user link` or `user token`"))
+        elif args.user_cmd == "list":
+            for r in users.listing(store):
+                state = "disabled" if r["disabled"] else "enabled"
+                print(f"{r['name']}\t{r['role']}\t{r['unit'] or '-'}\t{state}\t"
+                      f"{'password' if r['has_password'] else 'no password'}\t{r['tokens']} tokens")
+        elif args.user_cmd == "disable":
+            users.disable(store, args.name, by)
+            print(f"disabled {args.name}")
+        elif args.user_cmd == "password":
+            users.set_password(store, args.name, _read_password(), by)
+            print(f"password set for {args.name}")
+        elif args.user_cmd == "token":
+            print(users.new_token(store, args.name, args.label, by))
+        elif args.user_cmd == "link":
+            base = cfg.dashboard_url or f"http://{cfg.http}/"
+            print(f"{base.rstrip('/')}/login#once={users.new_token(store, args.name, 'sign-in link', by, 'once')}")
+    except users.UserError as exc:
+        print(f"pantau-collector user: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.cmd == "audit":
         return _audit_verify(cfg)
+    if args.cmd == "user":
+        return _user(cfg, args)
     if args.cmd == "demo":
         return _demo(cfg, args.http)
     return _serve(cfg, args.config)

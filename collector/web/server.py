@@ -1,226 +1,143 @@
-"""HTTP: the dashboard, a JSON API (described in /api/openapi.json) and /metrics.
+"""The HTTP server: uvicorn in a thread of the collector process, serving the app in ``app.py``.
 
-The standard library's threading server is enough for central IT's handful of users and
-keeps the collector free of a web framework; it binds where PANTAU_HTTP says
-(127.0.0.1:8080 by default).
+uvicorn closes a connection idle *after* a response (keep-alive timeout), but not one that never
+sends a request or sends it a byte at a time; ``_guarded_protocol`` adds a deadline for a whole
+request and a cap on open connections, and ``raise_nofile_limit`` lifts the soft file limit to the
+hard one, so idle connections can neither exhaust file descriptors (the broker connection and the
+database need them) nor keep ``/healthz`` from answering.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
+import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import resources
+import time
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
-from collector import audit
-from collector.incidents import IncidentError
-from collector.ingest import Collector
-from collector.registry import RegistryError, lookup, upsert_loan
-from common.protocol import now_ts
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from collector.web.app import create_app
+from collector.web.settings import WebSettings
 
 log = logging.getLogger(__name__)
-MAX_BODY = 64 * 1024
+FD_RESERVE = 256  # descriptors kept for the broker, the database, the notifier and the rest
 
 
-def incident_view(c: Collector, row: dict[str, Any]) -> dict[str, Any]:
-    out = dict(row)
-    out["evidence"] = json.loads(row["evidence"])
-    out["summaries"] = json.loads(row.get("summaries") or "{}")
-    out["registry"] = lookup(c.store, row["device"], row["agent"])
-    out["effective_cause"] = row["decided_cause"] or row["cause"]
-    out["effective_responsible"] = row["decided_responsible"] or row["responsible"]
-    return out
-
-
-def metrics_text(c: Collector) -> str:
-    m = c.metrics()
-    lines = [
-        "# HELP pantau_messages_received_total Messages received from the broker.",
-        "# TYPE pantau_messages_received_total counter",
-        f"pantau_messages_received_total {m['received']}",
-        "# HELP pantau_messages_rejected_total Messages rejected by validation, by reason.",
-        "# TYPE pantau_messages_rejected_total counter",
-    ]
-    lines += [f'pantau_messages_rejected_total{{reason="{r}"}} {n}' for r, n in sorted(m["rejected"].items())]
-    lines += [
-        "# HELP pantau_messages_stored_total Valid messages committed to the store (duplicates excluded).",
-        "# TYPE pantau_messages_stored_total counter",
-        f"pantau_messages_stored_total {m['stored']}",
-        "# HELP pantau_messages_duplicate_total Duplicates (agent, boot, seq) applied once.",
-        "# TYPE pantau_messages_duplicate_total counter",
-        f"pantau_messages_duplicate_total {m['duplicates']}",
-        "# HELP pantau_ingest_lag_seconds Receive time minus the agent's ts, last message.",
-        "# TYPE pantau_ingest_lag_seconds gauge",
-        f"pantau_ingest_lag_seconds {m['lag_s']:.3f}",
-        "# HELP pantau_store_buffer_depth Time-series points waiting for the external store.",
-        "# TYPE pantau_store_buffer_depth gauge",
-        f"pantau_store_buffer_depth {m['buffer_depth']}",
-        "# HELP pantau_dead_letters Rejected messages kept for inspection.",
-        "# TYPE pantau_dead_letters gauge",
-        f"pantau_dead_letters {m['dead_letters']}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-class Handler(BaseHTTPRequestHandler):
-    collector: Collector
-    server_version = "pantau"
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        log.debug("http %s", fmt % args)
-
-    def _send(self, code: int, body: bytes, ctype: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, code: int, obj: Any) -> None:
-        self._send(code, json.dumps(obj, ensure_ascii=False).encode(), "application/json; charset=utf-8")
-
-    def _error(self, code: int, msg: str) -> None:
-        self._json(code, {"error": msg})
-
-    def _body(self) -> dict[str, Any] | None:
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns the soft limit now in force."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 8192
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
         try:
-            n = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            n = -1
-        if n < 0 or n > MAX_BODY:
-            self._error(413 if n > MAX_BODY else 400, "body missing or too large")
-            return None
-        try:
-            data = json.loads(self.rfile.read(n) or b"{}")
-        except ValueError:
-            self._error(400, "body is not JSON")
-            return None
-        if not isinstance(data, dict):
-            self._error(400, "body must be a JSON object")
-            return None
-        return data
-
-    def do_GET(self) -> None:
-        url = urlsplit(self.path)
-        q = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        c = self.collector
-        path = url.path.rstrip("/") or "/"
-        try:
-            if path == "/":
-                self._send(200, _static("index.html"), "text/html; charset=utf-8")
-            elif path in ("/app.js", "/style.css"):
-                ctype = "text/javascript" if path.endswith(".js") else "text/css"
-                self._send(200, _static(path[1:]), f"{ctype}; charset=utf-8")
-            elif path == "/metrics":
-                self._send(200, metrics_text(c).encode(), "text/plain; version=0.0.4; charset=utf-8")
-            elif path == "/healthz":
-                self._json(200, {"ok": True})
-            elif path == "/api/openapi.json":
-                self._send(200, _static("openapi.json"), "application/json")
-            elif path == "/api/agents":
-                rows = c.store.query("SELECT * FROM agents ORDER BY agent")
-                for r in rows:
-                    for k in ("labels", "inventory", "host", "devices"):
-                        r[k] = json.loads(r[k]) if r.get(k) else None
-                if q.get("unit"):
-                    rows = [r for r in rows if (r["labels"] or {}).get("unit") == q["unit"]]
-                self._json(200, rows)
-            elif path == "/api/incidents":
-                sql, args = "SELECT * FROM incidents WHERE 1=1", []
-                if q.get("status"):
-                    sql += " AND status = ?"
-                    args.append(q["status"])
-                elif not q.get("all"):
-                    sql += " AND status != 'withdrawn'"
-                rows = [incident_view(c, r) for r in c.store.query(sql + " ORDER BY opened_at DESC", args)]
-                if q.get("unit"):
-                    rows = [r for r in rows if r["registry"]["unit"] == q["unit"]]
-                self._json(200, rows)
-            elif path.startswith("/api/incidents/"):
-                iid = path.split("/")[3]
-                row = c.book.get(iid)
-                if row is None:
-                    self._error(404, f"no incident {iid}")
-                    return
-                view = incident_view(c, row)
-                view["history"] = c.store.query("SELECT at, actor, action, detail FROM audit WHERE incident = ? "
-                                                "ORDER BY id", (iid,))
-                self._json(200, view)
-            elif path == "/api/units":
-                self._json(200, c.store.query("SELECT * FROM units ORDER BY id"))
-            elif path == "/api/loans":
-                self._json(200, c.store.query("SELECT * FROM loans ORDER BY unit, device"))
-            elif path == "/api/dead-letters":
-                rows = c.store.query("SELECT id, received_at, topic, reason, detail FROM dead_letter "
-                                     "ORDER BY id DESC LIMIT 200")
-                self._json(200, rows)
-            elif path == "/api/audit/verify":
-                with c.store.lock:
-                    n, broken, why = audit.verify(c.store.db)
-                self._json(200, {"entries": n, "first_broken": broken, "message": why})
-            else:
-                self._error(404, "not found")
-        except Exception:
-            log.exception("GET %s failed", self.path)
-            self._error(500, "internal error")
-
-    def do_POST(self) -> None:
-        path = urlsplit(self.path).path.rstrip("/")
-        parts = path.split("/")
-        body = self._body()
-        if body is None:
-            return
-        c = self.collector
-        try:
-            if len(parts) == 5 and parts[:3] == ["", "api", "incidents"] and parts[4] in ("override", "ack"):
-                if parts[4] == "override":
-                    row = c.book.override(parts[3], str(body.get("cause", "")), str(body.get("reason", "")),
-                                          str(body.get("by", "")), now_ts())
-                else:
-                    row = c.book.acknowledge(parts[3], str(body.get("by", "")), now_ts())
-                self._json(200, incident_view(c, row))
-            elif path == "/api/loans":
-                self._json(200, upsert_loan(c.store, body))
-            elif path == "/api/handling":
-                self._json(200, c.report_handling(str(body.get("agent", "")), str(body.get("device", "")),
-                                                  str(body.get("note", "")), str(body.get("by", ""))))
-            else:
-                self._error(404, "not found")
-        except KeyError:
-            self._error(404, f"no incident {parts[3] if len(parts) > 3 else ''}")
-        except (IncidentError, RegistryError, ValueError) as exc:
-            self._error(400, str(exc))
-        except Exception:
-            log.exception("POST %s failed", self.path)
-            self._error(500, "internal error")
-
-    do_HEAD = do_GET
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
+    return int(soft) if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-def _static(name: str) -> bytes:
-    return resources.files("collector.web").joinpath("static", name).read_bytes()
+def _guarded_protocol(request_timeout_s: float, max_connections: int) -> type[H11Protocol]:
+    last_warning = [0.0]
+
+    class GuardedH11(H11Protocol):
+        """h11 with a deadline for each whole request and a cap on open connections."""
+
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            if len(self.connections) >= max_connections:
+                now = time.monotonic()
+                if now - last_warning[0] > 60:
+                    last_warning[0] = now
+                    log.warning("HTTP: %d connections open, refusing more (http_max_connections)", max_connections)
+                transport.abort()
+                return
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(request_timeout_s, self._expire)
+
+        def _expire(self) -> None:
+            self._deadline = None
+            cycle = self.cycle
+            receiving = cycle is None or cycle.response_complete or (cycle.more_body and not cycle.response_started)
+            if receiving and not self.transport.is_closing():
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request on this connection gets its own deadline
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+            if self.transport is not None:
+                super().connection_lost(exc)
+
+    return GuardedH11
 
 
 class WebServer:
-    def __init__(self, collector: Collector, host: str = "127.0.0.1", port: int = 8080) -> None:
-        handler = type("BoundHandler", (Handler,), {"collector": collector})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="pantau-http", daemon=True)
+    """The dashboard and API on ``host:port`` (port 0: any free port; ``address`` says which)."""
+
+    def __init__(self, collector: Any, host: str = "127.0.0.1", port: int = 8080,
+                 health: Callable[[], list[str]] | None = None, settings: WebSettings | None = None) -> None:
+        self.settings = settings or WebSettings()
+        limit = raise_nofile_limit()
+        max_conn = max(16, min(self.settings.max_connections, limit - FD_RESERVE))
+        self.app = create_app(collector, self.settings, health)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((host, port))
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.listen(1024)
+        config = uvicorn.Config(self.app, http=_guarded_protocol(self.settings.request_timeout_s, max_conn),
+                                ws="none", lifespan="off", log_config=None, access_log=False, proxy_headers=False,
+                                server_header=False, timeout_keep_alive=self.settings.keep_alive_s,
+                                timeout_graceful_shutdown=5, backlog=1024)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="pantau-http",
+                                       daemon=True)
 
     @property
     def address(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}/"
+        host, port = self.sock.getsockname()[:2]
+        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
     def start(self) -> None:
         self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the web server stopped while starting (see the log)")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the web server did not start within 15 s")
+            time.sleep(0.01)
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        if self.thread.ident is None:  # never started
+            self.sock.close()
+            return
+        self.server.should_exit = True
+        self.thread.join(10)
+        if self.thread.is_alive():
+            self.server.force_exit = True
+            self.thread.join(5)
+        self.sock.close()
