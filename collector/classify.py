@@ -1,9 +1,9 @@
-"""The evaluator of classification policy v1: evidence timeline -> incidents.
+"""The evaluator of classification policy 1.1: one agent's evidence timeline -> incidents.
 
-A pure function of one agent's ordered evidence and the clock, so that replay, the live
-collector and a re-run after a rule change all agree. Late evidence simply changes the
-input; an incident whose condition no longer holds does not come out (the incident
-store records it as withdrawn).
+A pure function of one agent's ordered evidence and that agent's own clock, so that replay, the
+live collector and a re-run after a rule change all agree. Late evidence simply changes the
+input; an incident whose condition no longer holds does not come out (the incident book
+records it as withdrawn). The rules themselves, with their conditions, are rows in ``policy.py``.
 """
 
 from __future__ import annotations
@@ -14,20 +14,30 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector.policy import RULES_BY_ID, Rule, Windows, rules_for
-from collector.timeline import AgentHistory, Evidence
+from collector.policy import (
+    DEVICE_KIND_NAMES,
+    INCIDENT_PHRASES,
+    POLICY_VERSION,
+    RULES_BY_ID,
+    Rule,
+    Windows,
+    rules_for,
+)
+from collector.timeline import AgentHistory, Evidence, is_dashboard_boot
 from common.protocol import ERROR_CODES, format_epoch
 
-_RESTART_ANCHORS = ("agent.started", "host.resumed")
+_ANCHORS = ("agent.started", "host.resumed")
 
 
-@dataclass
+@dataclass(eq=False)
 class Incident:
     kind: str
     agent: str
     device: str
     trouble: list[Evidence] = field(default_factory=list)
     resolving: list[Evidence] = field(default_factory=list)
+    anchors: list[Evidence] = field(default_factory=list)  # the start/resume a carried or unwatched window ran from
+    unwatched: list[Evidence] = field(default_factory=list)  # trouble nobody saw happen: never host-wide
     resolved_ts: float | None = None
     resolved_at: str | None = None
     mark: Evidence | None = None
@@ -43,6 +53,15 @@ class Incident:
     def opened_at(self) -> str:
         return self.first.ts_str
 
+    def needs_from(self, w: Windows) -> float:
+        """The oldest ts of evidence this decision may read: once pruning passes it, the incident is final."""
+        bases = [t.basis_ts for t in self.trouble if t.basis_ts is not None]
+        return min([self.first.ts - max(w.handling_s, w.host_wide_s, w.after_start_s), *bases])
+
+    def settled(self, clock: float, w: Windows) -> bool:
+        """Resolved long enough ago that no new trouble can reopen it."""
+        return self.resolved_ts is not None and clock > self.resolved_ts + w.reopen_s
+
     @property
     def id(self) -> str:
         f = self.first
@@ -57,19 +76,18 @@ class Incident:
     def reopen(self) -> None:
         self.resolved_ts, self.resolved_at = None, None
 
-    def evidence(self, rank: dict[str, int]) -> list[dict[str, Any]]:
-        items = list(self.trouble) + ([self.mark] if self.mark else []) + list(self.resolving)
-        uniq = {(e.boot, e.seq, e.synthetic, e.key): e for e in items}.values()
-        ordered = sorted(uniq, key=lambda e: (rank.get(e.boot, 0), e.seq, e.synthetic))
-        out = []
-        for e in ordered:
+    def evidence(self) -> list[dict[str, Any]]:
+        """Trouble, the relied-on mark, anchors and resolving events, in timeline order."""
+        items = [*self.trouble, *([self.mark] if self.mark else []), *self.anchors, *self.resolving]
+        out: dict[tuple[str, int, str], tuple[float, dict[str, Any]]] = {}
+        for e in items:
             ref = e.ref()
             if e.synthetic:  # the agent.started at which the device was found absent
                 ref["type"] = "agent.started"
-            out.append(ref)
-        return out
+            out.setdefault((e.boot, e.seq, ref["type"]), (e.pos, ref))
+        return [ref for _, ref in sorted(out.values(), key=lambda p: p[0])]
 
-    def to_json(self, rank: dict[str, int], lang: str = "id") -> dict[str, Any]:
+    def to_json(self, lang: str = "id") -> dict[str, Any]:
         rule = self.rule
         assert rule is not None
         return {
@@ -81,29 +99,19 @@ class Incident:
             "responsible": rule.responsible,
             "confidence": rule.confidence,
             "rule": rule.id,
+            "policy": POLICY_VERSION,
             "opened_at": self.opened_at,
             "resolved_at": self.resolved_at,
-            "evidence": self.evidence(rank),
+            "evidence": self.evidence(),
             "summary": summary(self, lang),
         }
 
 
-_KIND_NAMES = {
-    "id": {"camera": "Kamera", "speakerphone": "Speakerphone", "speaker": "Speaker", "microphone": "Mikrofon"},
-    "en": {"camera": "Camera", "speakerphone": "Speakerphone", "speaker": "Speaker", "microphone": "Microphone"},
-}
-_WHAT = {
-    "id": {"device_error": "mengalami error", "device_missing": "hilang dari PC ruangan",
-           "device_unstable": "berulang kali terputus"},
-    "en": {"device_error": "reported errors", "device_missing": "went missing from the room PC",
-           "device_unstable": "kept dropping off"},
-}
-
-
 def summary(inc: Incident, lang: str = "id") -> str:
-    lang = lang if lang in _KIND_NAMES else "id"
+    lang = lang if lang in DEVICE_KIND_NAMES else "id"
     info = inc.device_info
-    kind_name = _KIND_NAMES[lang].get(str(info.get("kind")), "Perangkat" if lang == "id" else "Device")
+    names = DEVICE_KIND_NAMES[lang]
+    kind_name = names.get(info.get("kind")) or names[None]
     product = info.get("product") or inc.device
     rule = inc.rule
     assert rule is not None
@@ -111,7 +119,7 @@ def summary(inc: Incident, lang: str = "id") -> str:
     head = f"{kind_name} {product} di {inc.agent}" if lang == "id" else f"{kind_name} {product} at {inc.agent}"
     when = f"sejak {since} UTC" if lang == "id" else f"since {since} UTC"
     why = rule.explain_id if lang == "id" else rule.explain_en
-    return f"{head} {_WHAT[lang][inc.kind]} {when}: {why}"
+    return f"{head} {INCIDENT_PHRASES[lang][inc.kind]} {when}: {why}"
 
 
 def _family(ev: Evidence) -> str | None:
@@ -124,25 +132,25 @@ def _is_trouble_error(ev: Evidence) -> bool:
 
 
 def _with_restart_detaches(tl: list[Evidence]) -> list[Evidence]:
-    """Insert the detach implied by a device absent from the inventory after a restart."""
+    """Unwatched absence (b): a device in the previous boot's last inventory, with no detach seen
+    after it, absent from the first inventory after the next ``agent.started``, counts as detached
+    (not in use) at that ``agent.started``."""
     out: list[Evidence] = []
     prev_listed: dict[str, dict[str, Any]] | None = None  # last inventory of the previous boot, less later detaches
+    prev_ts = 0.0  # and its ts
+    listed_ts = 0.0
     cur_boot: str | None = None
     listed: dict[str, dict[str, Any]] | None = None
     anchor: Evidence | None = None
     attached_before_inv: set[str] = set()
     first_inv_done = False
-    pending: list[Evidence] = []
-
-    def flush_boot() -> None:
-        nonlocal prev_listed
-        if listed is not None:
-            prev_listed = dict(listed)
-
     for ev in tl:
+        if is_dashboard_boot(ev.boot):
+            out.append(ev)
+            continue
         if ev.boot != cur_boot:
-            if cur_boot is not None:
-                flush_boot()
+            if listed is not None:
+                prev_listed, prev_ts = dict(listed), listed_ts
             cur_boot, listed, anchor, first_inv_done = ev.boot, None, None, False
             attached_before_inv = set()
         if ev.type == "agent.started" and anchor is None:
@@ -150,90 +158,150 @@ def _with_restart_detaches(tl: list[Evidence]) -> list[Evidence]:
         out.append(ev)
         if ev.kind == "inventory":
             if not first_inv_done and prev_listed is not None:
-                first_inv_done = True
                 at = anchor or next(e for e in out if e.boot == cur_boot)
                 missing = [k for k in prev_listed if k not in ev.keys and k not in attached_before_inv]
                 synth = [
                     Evidence(agent=at.agent, boot=at.boot, seq=at.seq, ts=at.ts, ts_str=at.ts_str, kind="event",
                              type="device.detached", key=k, device=prev_listed[k],
-                             context={"in_use": False, "users": [], "meeting": False}, synthetic=True)
+                             context={"in_use": False, "users": [], "meeting": False}, synthetic=True,
+                             basis_ts=prev_ts)
                     for k in missing
                 ]
                 if synth:
                     idx = out.index(at) + 1
                     out[idx:idx] = synth
-                    pending.extend(synth)
             first_inv_done = True
-            listed = {d["key"]: d for d in ev.devices}
-        elif ev.type == "device.detached" and listed is not None and ev.key in listed:
-            listed.pop(ev.key, None)
+            listed, listed_ts = {d["key"]: d for d in ev.devices}, ev.ts
+        elif ev.type == "device.detached" and listed is not None:
+            listed.pop(ev.key or "", None)
         elif ev.type == "device.attached" and not first_inv_done and ev.key:
             attached_before_inv.add(ev.key)
     return out
 
 
+@dataclass
+class _Boot:
+    boot: str
+    start: Evidence | None = None  # its first agent.started
+    first: Evidence | None = None
+    end_ts: float = float("-inf")  # its latest ts, up to its agent.stopping or will
+    ended: bool = False  # agent.stopping or a will seen (or a later boot exists)
+    first_inventory: frozenset[str] | None = None
+    next: _Boot | None = None
+
+    @property
+    def anchor(self) -> Evidence:
+        a = self.start or self.first
+        assert a is not None
+        return a
+
+
 class _Facts:
-    """One pass over the timeline: what every rule condition reads."""
+    """One pass over the timeline: what every rule condition and window reads."""
 
     def __init__(self, tl: list[Evidence], w: Windows) -> None:
         self.tl = tl
         self.w = w
-        self.pos = {id(e): i for i, e in enumerate(tl)}  # timeline position of each piece of evidence
-        self.marks: dict[str, list[tuple[int, Evidence]]] = defaultdict(list)
+        self.marks: dict[str, list[Evidence]] = defaultdict(list)
         self.seen: dict[str, list[int]] = defaultdict(list)  # device seen: attach / inventory / telemetry present
         self.attaches: dict[str, list[int]] = defaultdict(list)
+        self.detach_idx: dict[str, list[int]] = defaultdict(list)
         self.errors: dict[str, list[int]] = defaultdict(list)  # trouble errors
-        self.detaches: list[tuple[int, bool]] = []  # (index, expected)
+        self.detaches: list[tuple[int, Evidence | None]] = []  # (index, the resume/start ending its sleep, if asleep)
+        self.asleep: set[int] = set()
         self.starts: list[Evidence] = []
-        self.stoppings: list[int] = []
+        self.boot_of: list[_Boot | None] = []
         self.last_device: dict[str, dict[str, Any]] = {}
+        self._mark_cache: dict[int, Evidence | None] = {}
+        self._sleep_end: dict[int, Evidence] = {}  # sleep detach -> the host.resumed that ended that sleep
+        self.trouble_ts: list[tuple[float, str]] = []
+        self._scan()
+
+    def _scan(self) -> None:
+        boots: dict[str, _Boot] = {}
+        order: list[_Boot] = []
         suspended = False
         last_port: dict[str, str] = {}
-        for i, ev in enumerate(tl):
+        sleeping: list[int] = []  # detaches during the current sleep
+        for i, ev in enumerate(self.tl):
+            ev.pos = float(i) + (0.5 if ev.synthetic else 0.0)
+            if is_dashboard_boot(ev.boot):
+                self.boot_of.append(None)
+            else:
+                b = boots.get(ev.boot)
+                if b is None:
+                    b = boots[ev.boot] = _Boot(ev.boot, first=ev)
+                    if order:
+                        order[-1].next, order[-1].ended = b, True
+                        suspended, sleeping = False, []  # a sleep that no resume ended: judged from this start
+                    order.append(b)
+                self.boot_of.append(b)
+                if not b.ended:
+                    b.end_ts = max(b.end_ts, ev.ts)
+                if ev.type == "agent.started" and b.start is None and not ev.synthetic:
+                    b.start = ev
+                if ev.type == "agent.stopping" or (ev.seq < 0 and ev.type == "state.offline"):
+                    b.ended = True
+                if ev.kind == "inventory" and b.first_inventory is None:
+                    b.first_inventory = frozenset(ev.keys)
             t = ev.type
             if t == "host.suspending":
                 suspended = True
-            elif t in _RESTART_ANCHORS:
-                suspended = False
+            elif t in _ANCHORS and not ev.synthetic:
+                if t == "host.resumed":
+                    for j in sleeping:
+                        self._sleep_end[j] = ev
+                suspended, sleeping = False, []
                 self.starts.append(ev)
-            elif t == "agent.stopping":
-                self.stoppings.append(i)
-            if ev.kind == "inventory":
-                for d in ev.devices:
-                    self.seen[d["key"]].append(i)
-                    if isinstance(d.get("port"), str):
-                        last_port[d["key"]] = d["port"]
-                    self.last_device[d["key"]] = d
-                continue
-            if ev.kind == "telemetry":
-                for k in ev.keys:
-                    self.seen[k].append(i)
-                continue
-            key = ev.key
-            if key is None:
-                continue
-            if ev.device:
-                self.last_device[key] = {**self.last_device.get(key, {}), **ev.device}
-            if t == "device.detached":
-                self.detaches.append((i, suspended and not ev.synthetic))
-                if ev.context.get("in_use") is True:
-                    self.marks[key].append((i, ev))
-            elif t == "device.attached":
-                self.attaches[key].append(i)
-                self.seen[key].append(i)
-                port = (ev.device or {}).get("port")
-                prev = last_port.get(key)
-                if "@" not in key and prev is not None and isinstance(port, str) and port != prev:
-                    self.marks[key].append((i, ev))
-            elif t == "handling.reported":
-                self.marks[key].append((i, ev))
-            elif _is_trouble_error(ev):
-                self.errors[key].append(i)
-            port = (ev.device or {}).get("port")
-            if isinstance(port, str):
-                last_port[key] = port
+            self._device(i, ev, suspended, sleeping, last_port)
 
-    def _next(self, idxs: list[int], after: int) -> int | None:
+    def _device(self, i: int, ev: Evidence, suspended: bool, sleeping: list[int], last_port: dict[str, str]) -> None:
+        t = ev.type
+        if ev.kind == "inventory":
+            for d in ev.devices:
+                self.seen[d["key"]].append(i)
+                if isinstance(d.get("port"), str):
+                    last_port[d["key"]] = d["port"]
+                self.last_device[d["key"]] = d
+            return
+        if ev.kind == "telemetry":
+            for k in ev.keys:
+                self.seen[k].append(i)
+            return
+        key = ev.key
+        if key is None:
+            return
+        if ev.device:
+            self.last_device[key] = {**self.last_device.get(key, {}), **ev.device}
+        if t == "device.detached":
+            self.detaches.append((i, None))
+            self.detach_idx[key].append(i)
+            if suspended and not ev.synthetic:
+                self.asleep.add(i)
+                sleeping.append(i)
+            if ev.context.get("in_use") is True:
+                self.marks[key].append(ev)
+        elif t == "device.attached":
+            self.attaches[key].append(i)
+            self.seen[key].append(i)
+            port = (ev.device or {}).get("port")
+            prev = last_port.get(key)
+            if "@" not in key and prev is not None and isinstance(port, str) and port != prev:
+                self.marks[key].append(ev)
+        elif t == "handling.reported":
+            if not ev.mismatch:
+                self.marks[key].append(ev)
+        elif _is_trouble_error(ev):
+            self.errors[key].append(i)
+        port = (ev.device or {}).get("port")
+        if isinstance(port, str):
+            last_port[key] = port
+
+    def sleep_end(self, i: int) -> Evidence | None:
+        return self._sleep_end.get(i)
+
+    @staticmethod
+    def _next(idxs: list[int], after: int) -> int | None:
         j = bisect.bisect_right(idxs, after)
         return idxs[j] if j < len(idxs) else None
 
@@ -245,12 +313,15 @@ class _Facts:
     def next_attach(self, key: str, after: int) -> int | None:
         return self._next(self.attaches.get(key, []), after)
 
+    def next_detach(self, key: str, after: int) -> int | None:
+        return self._next(self.detach_idx.get(key, []), after)
+
     def next_seen(self, key: str, after: int) -> int | None:
         return self._next(self.seen.get(key, []), after)
 
     def quick_idle_replug(self, i: int) -> bool:
         d = self.tl[i]
-        if d.synthetic or d.context.get("in_use") is True or d.key is None:
+        if d.synthetic or i in self.asleep or d.context.get("in_use") is True or d.key is None:
             return False
         a = self.next_attach(d.key, i)
         if a is None:
@@ -259,13 +330,52 @@ class _Facts:
         same_port = (att.device or {}).get("port") == (d.device or {}).get("port")
         return same_port and 0 <= att.ts - d.ts <= self.w.quick_replug_s and not self.error_between(d.key, i, a)
 
+    # ------------------------------------------------------------------ what rule predicates ask
+    def bind(self, trouble_ts: list[tuple[float, str]]) -> None:
+        self.trouble_ts = trouble_ts
+
+    def host_wide(self, inc: Incident) -> bool:
+        w = self.w
+        for t in inc.trouble:
+            if any(t is u for u in inc.unwatched):
+                continue  # nobody saw when or why it went
+            lo = bisect.bisect_left(self.trouble_ts, (t.ts - w.host_wide_s, ""))
+            for ts, key in self.trouble_ts[lo:]:
+                if ts > t.ts + w.host_wide_s:
+                    break
+                if key != inc.device:
+                    return True
+            if any(0 <= t.ts - s.ts <= w.after_start_s for s in self.starts):
+                return True
+        return False
+
+    def relied_mark(self, inc: Incident) -> Evidence | None:
+        """The earliest handling mark in the 24 h before the first error that has one."""
+        if id(inc) in self._mark_cache:
+            return self._mark_cache[id(inc)]
+        found: Evidence | None = None
+        if inc.kind == "device_error":
+            marks = self.marks.get(inc.device, [])
+            for err in inc.trouble:
+                found = next((m for m in marks if m.pos < err.pos and 0 <= err.ts - m.ts <= self.w.handling_s), None)
+                if found is not None:
+                    break
+        self._mark_cache[id(inc)] = found
+        return found
+
+    def families(self, inc: Incident) -> frozenset[str]:
+        return frozenset(f for f in (_family(e) for e in inc.trouble) if f is not None)
+
+    def in_use_at_latest_detach(self, inc: Incident) -> bool:
+        return inc.trouble[-1].context.get("in_use") is True
+
 
 def evaluate(history: AgentHistory, clock: float, windows: Windows | None = None,
              pending: list[float] | None = None) -> list[Incident]:
-    """Every incident (not withdrawn) of one agent as the evidence stands at ``clock``.
+    """Every incident (not withdrawn) of one agent as the evidence stands at that agent's ``clock``.
 
-    ``pending`` receives the ends of windows still open at ``clock``: once the clock is
-    past one of them the answer may change, so the caller evaluates again then.
+    ``pending`` receives the ends of windows still open at ``clock``: once the clock is past one
+    of them the answer may change, so the caller evaluates again then.
     """
     pending = pending if pending is not None else []
     w = windows or Windows()
@@ -273,71 +383,29 @@ def evaluate(history: AgentHistory, clock: float, windows: Windows | None = None
     rank = history.boot_rank()
     f = _Facts(tl, w)
 
-    unexpected: list[int] = [i for i, exp in f.detaches if not exp and not f.quick_idle_replug(i)]
-    trouble_idx: list[int] = sorted(unexpected + [i for idxs in f.errors.values() for i in idxs])
-    trouble_ts = sorted((tl[i].ts, tl[i].key or "") for i in trouble_idx)
-
     incidents: list[Incident] = []
-    incidents += _error_incidents(tl, f, w)
-    incidents += _missing_incidents(tl, f, w, unexpected, clock, pending)
+    incidents += _error_incidents(tl, w)
+    incidents += _missing_incidents(tl, f, w, clock, pending)
     incidents += _unstable_incidents(tl, f, w, clock, pending)
 
+    f.bind(sorted((t.ts, inc.device) for inc in incidents for t in inc.trouble))
     for inc in incidents:
         inc.device_info = f.last_device.get(inc.device, {})
-        inc.order = (rank.get(inc.first.boot, 0), inc.first.seq)
-        inc.rule = _first_matching_rule(inc, f, w, trouble_ts)
+        inc.order = (rank.get(inc.first.boot, -1), inc.first.seq)
+        inc.rule = _first_matching_rule(inc, f)
+        inc.mark = f.relied_mark(inc) if inc.rule.id == "D1" else None
     return incidents
 
 
-def _host_wide(inc: Incident, f: _Facts, w: Windows, trouble_ts: list[tuple[float, str]]) -> bool:
-    for t in inc.trouble:
-        lo = bisect.bisect_left(trouble_ts, (t.ts - w.host_wide_s, ""))
-        for ts, key in trouble_ts[lo:]:
-            if ts > t.ts + w.host_wide_s:
-                break
-            if key != inc.device:
-                return True
-        if any(0 <= t.ts - s.ts <= w.after_start_s for s in f.starts):
-            return True
-    return False
-
-
-def _relied_mark(inc: Incident, f: _Facts, w: Windows) -> Evidence | None:
-    marks = f.marks.get(inc.device, [])
-    for err in inc.trouble:
-        ei = f.pos[id(err)]
-        for mi, m in marks:  # the earliest mark in the window: it started the episode
-            if mi < ei and 0 <= err.ts - m.ts <= w.handling_s:
-                return m
-    return None
-
-
-def _first_matching_rule(
-    inc: Incident, f: _Facts, w: Windows, trouble_ts: list[tuple[float, str]]
-) -> Rule:
+def _first_matching_rule(inc: Incident, f: _Facts) -> Rule:
     for rule in rules_for(inc.kind):
-        rid = rule.id
-        if rid == "H1" and _host_wide(inc, f, w, trouble_ts):
+        if rule.holds(inc, f):
             return rule
-        if rid == "D1":
-            mark = _relied_mark(inc, f, w)
-            if mark is not None:
-                inc.mark = mark
-                return rule
-        if rid == "D2" and any(_family(e) == "device" for e in inc.trouble):
-            return rule
-        if rid == "D3" and all(_family(e) == "link" for e in inc.trouble):
-            return rule
-        if rid == "M1" and inc.trouble[-1].context.get("in_use") is True:
-            return rule
-        if rid in ("M2", "U1"):
-            return rule
-    return RULES_BY_ID["D3"]  # unreachable with policy v1: every error is link or device
+    return RULES_BY_ID["D3"]  # unreachable: every trouble error is link or device family
 
 
-def _join_or_open(
-    current: Incident | None, ev: Evidence, kind: str, key: str, w: Windows, out: list[Incident]
-) -> Incident:
+def _join_or_open(current: Incident | None, ev: Evidence, kind: str, key: str, w: Windows,
+                  out: list[Incident]) -> Incident:
     """New trouble joins the open incident, reopens one resolved within 7 days, else opens one."""
     if current is not None and (current.resolved_ts is None or ev.ts <= current.resolved_ts + w.reopen_s):
         if current.resolved_ts is not None:
@@ -349,7 +417,7 @@ def _join_or_open(
     return inc
 
 
-def _error_incidents(tl: list[Evidence], f: _Facts, w: Windows) -> list[Incident]:
+def _error_incidents(tl: list[Evidence], w: Windows) -> list[Incident]:
     out: list[Incident] = []
     current: dict[str, Incident] = {}
     for ev in tl:
@@ -365,51 +433,89 @@ def _error_incidents(tl: list[Evidence], f: _Facts, w: Windows) -> list[Incident
     return out
 
 
-def _dropped_by_stop(f: _Facts, i: int, end: float) -> bool:
-    return any(s > i and f.tl[s].ts <= end for s in f.stoppings)
+@dataclass
+class _Window:
+    """How a detach is judged: until ``end`` (on the agent's clock), from ``anchor`` if it was carried
+    over a stop or the absence was unwatched. ``end`` None: waiting for the agent to start again."""
+
+    end: float | None
+    anchor: Evidence | None = None
+    unwatched: bool = False
 
 
-def _missing_incidents(
-    tl: list[Evidence], f: _Facts, w: Windows, unexpected: list[int], clock: float, pending: list[float]
-) -> list[Incident]:
+def _missing_window(f: _Facts, i: int) -> _Window | None:
+    """The window a detach is judged on, or None if it is quiet whatever happens next."""
+    tl, w = f.tl, f.w
+    d = tl[i]
+    key = d.key
+    assert key is not None
+    boot = f.boot_of[i]
+    assert boot is not None
+    if d.synthetic:  # unwatched (b): from the agent.started that found it absent
+        start = boot.anchor
+        return _Window(start.ts + w.missing_s, start, unwatched=True)
+    if i in f.asleep:  # unwatched (a): from the resume, or from the next start if no resume came
+        resumed = f.sleep_end(i)
+        if resumed is not None:
+            return _Window(resumed.ts + w.missing_s, resumed, unwatched=True)
+        if boot.next is not None:
+            return _Window(boot.next.anchor.ts + w.missing_s, boot.next.anchor, unwatched=True)
+        return _Window(None, unwatched=True)
+    if f.quick_idle_replug(i):
+        return None
+    end = d.ts + w.missing_s
+    if not boot.ended or boot.end_ts > end:  # elapsed (or elapsing) within its own boot
+        return _Window(end)
+    # pending when its boot ended: carried into the next boot, judged from its agent.started
+    nxt = boot.next
+    if nxt is None:
+        return _Window(None)
+    if nxt.first_inventory is not None and key in nxt.first_inventory:
+        return None
+    return _Window(nxt.anchor.ts + w.missing_s, nxt.anchor)
+
+
+def _missing_incidents(tl: list[Evidence], f: _Facts, w: Windows, clock: float,
+                       pending: list[float]) -> list[Incident]:
     out: list[Incident] = []
     current: dict[str, Incident] = {}
-    for i in unexpected:
+    for i, _ in f.detaches:
         d = tl[i]
         key = d.key
         assert key is not None
-        end = d.ts + w.missing_s
+        win = _missing_window(f, i)
+        if win is None or win.end is None:
+            continue
         s = f.next_seen(key, i)
-        if s is not None and tl[s].ts <= end:
-            continue  # came back within the window
-        if _dropped_by_stop(f, i, end):
-            continue  # a clean stop dropped the window
-        if not clock > end:
-            pending.append(end)
+        if s is not None and tl[s].ts <= win.end:
+            continue  # seen again within its window
+        if not clock > win.end:
+            pending.append(win.end)
             continue
         inc = _join_or_open(current.get(key), d, "device_missing", key, w, out)
         current[key] = inc
+        if win.anchor is not None:
+            inc.anchors.append(win.anchor)
+        if win.unwatched:
+            inc.unwatched.append(d)
         if s is not None:
             inc.resolve(tl[s], tl[s].ts, tl[s].ts_str)
     return out
 
 
-def _unstable_incidents(
-    tl: list[Evidence], f: _Facts, w: Windows, clock: float, pending: list[float]
-) -> list[Incident]:
+def _unstable_incidents(tl: list[Evidence], f: _Facts, w: Windows, clock: float,
+                        pending: list[float]) -> list[Incident]:
     out: list[Incident] = []
     cycles: dict[str, list[tuple[int, int]]] = defaultdict(list)
-    by_key: dict[str, list[int]] = defaultdict(list)
-    for i, expected in f.detaches:
-        key = tl[i].key
-        if not expected and key is not None and not tl[i].synthetic:
-            by_key[key].append(i)
-    for key, dets in by_key.items():
-        for n, i in enumerate(dets):
-            a = f.next_attach(key, i)
-            nxt = dets[n + 1] if n + 1 < len(dets) else None
-            if a is not None and (nxt is None or a < nxt):
-                cycles[key].append((i, a))
+    for i, _ in f.detaches:
+        d = tl[i]
+        key = d.key
+        if key is None or d.synthetic or i in f.asleep:
+            continue  # a detach during sleep, or one nobody saw, is not a cycle
+        a = f.next_attach(key, i)
+        nxt = f.next_detach(key, i)
+        if a is not None and (nxt is None or a < nxt):
+            cycles[key].append((i, a))
     need = max(1, w.unstable_cycles)
     for key, cyc in cycles.items():
         inc: Incident | None = None
@@ -427,13 +533,12 @@ def _unstable_incidents(
                 continue
             first_d, _ = cyc[j + 1 - need]
             _, last_a = cyc[j]
-            window_ok = tl[last_a].ts - tl[first_d].ts <= w.unstable_s
-            if not window_ok or f.error_between(key, first_d - 1, last_a):
+            if tl[last_a].ts - tl[first_d].ts > w.unstable_s or f.error_between(key, first_d - 1, last_a):
                 continue
             burst = [tl[c[0]] for c in cyc[j + 1 - need : j + 1]]
             if inc is not None and inc.resolved_ts is not None and burst[0].ts <= inc.resolved_ts + w.reopen_s:
                 inc.reopen()
-                inc.trouble.extend(e for e in burst if e not in inc.trouble)
+                inc.trouble.extend(e for e in burst if all(e is not t for t in inc.trouble))
             elif inc is None or inc.resolved_ts is not None:
                 inc = Incident(kind="device_unstable", agent=d.agent, device=key, trouble=burst)
                 out.append(inc)
@@ -445,7 +550,6 @@ def _unstable_incidents(
             else:
                 pending.append(end)
     return out
-
 
 
 def sort_key(inc: Incident) -> tuple[float, str, tuple[int, int]]:

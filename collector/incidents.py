@@ -13,16 +13,26 @@ from typing import Any
 
 from collector import audit
 from collector.classify import Incident, summary
-from collector.policy import CAUSES
+from collector.policy import CAUSES, RESPONSIBLE_OF_CAUSE, Windows
 from collector.store.sqlite import SqliteStore, dumps
-from common.protocol import ts_seconds
+from common.protocol import ProtocolError, ts_seconds
 
 log = logging.getLogger(__name__)
 
-RESPONSIBLE_OF_CAUSE = {"device_fault": "central_it", "handling_damage": "unit", "host_issue": "none",
-                        "needs_inspection": "undetermined"}
-
 Listener = Callable[[str, dict[str, Any]], None]
+FinalTest = Callable[[float], bool]
+
+
+def _is_final(row: dict[str, Any], final: FinalTest) -> bool:
+    """A recorded incident whose evidence has aged out. Rows recorded before ``needs_from`` existed
+    read from their opening minus a day."""
+    needs_from = row.get("needs_from")
+    if needs_from is None:
+        try:
+            needs_from = ts_seconds(row["opened_at"]) - 86400
+        except ProtocolError:
+            return True  # a time no policy can read: leave it as it is
+    return final(float(needs_from))
 
 
 class IncidentError(ValueError):
@@ -42,12 +52,12 @@ class IncidentBook:
             except Exception:
                 log.exception("incident listener failed")
 
-    def sync(self, agent: str, computed: list[tuple[Incident, dict[str, int]]], now: str,
-             since: float | None = None) -> list[str]:
+    def sync(self, agent: str, computed: list[Incident], now: str, windows: Windows, final: FinalTest) -> list[str]:
         """Bring the recorded incidents of ``agent`` in line with ``computed``; returns the actions.
 
-        Incidents opened before ``since`` lie outside the evidence that was evaluated and are
-        left as they are (never withdrawn for want of evidence that was merely pruned)."""
+        ``final(needs_from)`` says whether the evidence a decision reads from ``needs_from`` on has
+        aged out of what is kept: such an incident is final. It is never withdrawn, revised or
+        reopened, and a computed incident in that zone (seen only in part) is not recorded."""
         actions: list[tuple[str, str]] = []  # (incident id, action), in the order they happened
         with self.store.tx() as db:
 
@@ -59,30 +69,37 @@ class IncidentBook:
             cols = [d[0] for d in cur.description]
             stored = {r[0]: dict(zip(cols, r, strict=True)) for r in cur.fetchall()}
             seen = set()
-            for inc, rank in computed:
-                j = inc.to_json(rank, self.lang)
+            for inc in computed:
+                needs_from = inc.needs_from(windows)
+                if final(needs_from):
+                    continue
+                j = inc.to_json(self.lang)
                 iid = j["id"]
                 seen.add(iid)
+                old = stored.get(iid)
+                if old is not None and _is_final(old, final):
+                    continue
                 summaries = dumps({lang: summary(inc, lang) for lang in ("id", "en")})
                 status = "resolved" if j["resolved_at"] else "open"
                 row = {"id": iid, "agent": agent, "device": j["device"], "kind": j["kind"], "status": status,
                        "cause": j["cause"], "responsible": j["responsible"], "confidence": j["confidence"],
-                       "rule": j["rule"], "opened_at": j["opened_at"], "resolved_at": j["resolved_at"],
-                       "evidence": dumps(j["evidence"]), "summary": j["summary"], "summaries": summaries,
-                       "updated_at": now}
-                old = stored.get(iid)
+                       "rule": j["rule"], "policy": j["policy"], "opened_at": j["opened_at"],
+                       "resolved_at": j["resolved_at"], "evidence": dumps(j["evidence"]), "summary": j["summary"],
+                       "summaries": summaries, "needs_from": needs_from, "updated_at": now}
                 if old is None:
                     db.execute(f"INSERT INTO incidents ({','.join(row)}) VALUES ({','.join('?' * len(row))})",
                                tuple(row.values()))
-                    record(iid, "opened", {"rule": j["rule"], "cause": j["cause"], "opened_at": j["opened_at"]})
+                    record(iid, "opened", {"rule": j["rule"], "cause": j["cause"], "policy": j["policy"],
+                                           "opened_at": j["opened_at"]})
                     if status == "resolved":
                         record(iid, "resolved", {"resolved_at": j["resolved_at"]})
                     continue
                 if old["status"] == "withdrawn":
-                    record(iid, "reinstated", {"rule": j["rule"]})
-                if old["rule"] != j["rule"]:
-                    record(iid, "revised", {"from": {"rule": old["rule"], "cause": old["cause"]},
-                                            "to": {"rule": j["rule"], "cause": j["cause"]}})
+                    record(iid, "reinstated", {"rule": j["rule"], "policy": j["policy"]})
+                if old["rule"] != j["rule"] or old.get("policy") != j["policy"]:
+                    record(iid, "revised", {"from": {"rule": old["rule"], "cause": old["cause"],
+                                                     "policy": old.get("policy")},
+                                            "to": {"rule": j["rule"], "cause": j["cause"], "policy": j["policy"]}})
                 if old["resolved_at"] is None and j["resolved_at"] is not None:
                     record(iid, "resolved", {"resolved_at": j["resolved_at"]})
                 elif old["resolved_at"] is not None and j["resolved_at"] is None and old["status"] != "withdrawn":
@@ -93,11 +110,10 @@ class IncidentBook:
                     db.execute(f"UPDATE incidents SET {sets}, updated_at = ? WHERE id = ?",
                                (*changed.values(), now, iid))
             for sid, old in stored.items():
-                if since is not None and ts_seconds(old["opened_at"]) < since:
+                if sid in seen or old["status"] == "withdrawn" or _is_final(old, final):
                     continue
-                if sid not in seen and old["status"] != "withdrawn":
-                    db.execute("UPDATE incidents SET status = 'withdrawn', updated_at = ? WHERE id = ?", (now, sid))
-                    record(sid, "withdrawn", {"reason": "the evidence no longer supports it"})
+                db.execute("UPDATE incidents SET status = 'withdrawn', updated_at = ? WHERE id = ?", (now, sid))
+                record(sid, "withdrawn", {"reason": "the evidence no longer supports it"})
         for iid, action in actions:
             rows = self.store.query("SELECT * FROM incidents WHERE id = ?", (iid,))
             if rows:

@@ -11,13 +11,13 @@ from typing import IO
 from collector.capture import Unparseable, parse_line
 from collector.classify import Incident, evaluate, sort_key
 from collector.policy import Windows
-from collector.timeline import AgentHistory, CaptureClock, evidence_from
-from common.protocol import ProtocolError, decode_message
+from collector.timeline import WILL_SEQ, AgentClocks, AgentHistory, evidence_from, is_dashboard_boot
+from common.protocol import ProtocolError, decode_message, ts_seconds
 
 
 @dataclass
 class ReplayResult:
-    incidents: list[tuple[Incident, dict[str, int]]] = field(default_factory=list)
+    incidents: list[Incident] = field(default_factory=list)
     lines: int = 0
     applied: int = 0
     unparseable: int = 0
@@ -26,12 +26,12 @@ class ReplayResult:
 
 
 class Replayer:
-    """A fresh in-memory collector fed message by message; the clock is the capture's."""
+    """A fresh in-memory collector fed message by message; each agent's clock is its own."""
 
     def __init__(self, windows: Windows | None = None) -> None:
         self.windows = windows or Windows()
         self.histories: dict[str, AgentHistory] = {}
-        self.clock = CaptureClock()
+        self.clocks = AgentClocks()
         self.result = ReplayResult()
 
     def feed(self, topic: str, payload: bytes | dict, received_at: str | None = None) -> str:
@@ -42,29 +42,38 @@ class Replayer:
             self.result.rejected[exc.reason] += 1
             return f"rejected:{exc.reason}"
         hist = self.histories.get(msg.agent)
-        if msg.seq is not None and hist is not None and hist.seen(msg.boot, msg.seq):
+        seq = WILL_SEQ if msg.seq is None else msg.seq
+        if hist is not None and hist.seen(msg.boot, seq):
             self.result.duplicates += 1
             return "duplicate"
-        stamp = self.clock.stamp(msg.ts, received_at)
-        if stamp is not None:
-            self.clock.advance(stamp)
-        ev = evidence_from(msg, stamp)
+        # a will takes its agent's clock as it stands; received_at is kept but no rule reads it
+        stamp = self.clocks.stamp(msg.agent, msg.ts, _valid_ts(received_at))
+        if msg.ts is not None and not is_dashboard_boot(msg.boot):
+            self.clocks.advance(msg.agent, msg.ts)
         if hist is None:
             hist = self.histories[msg.agent] = AgentHistory(msg.agent)
+        ev = evidence_from(msg, stamp) if stamp else None
         if ev is not None:
             hist.add(ev)
         self.result.applied += 1
         return "applied"
 
-    def incidents(self) -> list[tuple[Incident, dict[str, int]]]:
-        clock = self.clock.t if self.clock.t is not None else float("-inf")
-        out: list[tuple[Incident, dict[str, int]]] = []
-        for hist in self.histories.values():
-            rank = hist.boot_rank()
-            out += [(inc, rank) for inc in evaluate(hist, clock, self.windows)]
-        out.sort(key=lambda pair: sort_key(pair[0]))
+    def incidents(self) -> list[Incident]:
+        out: list[Incident] = []
+        for agent, hist in self.histories.items():
+            clock = self.clocks.t.get(agent, float("-inf"))
+            out += evaluate(hist, clock, self.windows)
+        out.sort(key=sort_key)
         return out
 
+
+
+def _valid_ts(value: str | None) -> str:
+    try:
+        ts_seconds(value or "")
+        return value or ""
+    except ProtocolError:
+        return ""
 
 
 def replay_stream(stream: IO[str], windows: Windows | None = None) -> ReplayResult:
@@ -91,8 +100,8 @@ def run(path: str, lang: str = "id", windows: Windows | None = None, out: IO[str
     except OSError as exc:
         print(f"pantau-collector replay: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    for inc, rank in result.incidents:
-        out.write(json.dumps(inc.to_json(rank, lang), ensure_ascii=False) + "\n")
+    for inc in result.incidents:
+        out.write(json.dumps(inc.to_json(lang), ensure_ascii=False, allow_nan=False) + "\n")
     rejected = ", ".join(f"{k}={v}" for k, v in sorted(result.rejected.items())) or "none"
     print(
         f"replay: {result.lines} lines, {result.applied} applied, {result.unparseable} unparseable, "

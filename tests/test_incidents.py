@@ -296,8 +296,9 @@ def test_replay_command_on_the_mosquitto_sub_form() -> None:
     assert out.returncode == 0, out.stderr
     [inc] = [json.loads(line) for line in out.stdout.splitlines()]
     assert (inc["rule"], inc["cause"], inc["responsible"]) == ("D1", "handling_damage", "unit")
-    assert set(inc) == {"id", "kind", "agent", "device", "cause", "responsible", "confidence", "rule", "opened_at",
-                        "resolved_at", "evidence", "summary"}
+    assert set(inc) == {"id", "kind", "agent", "device", "cause", "responsible", "confidence", "rule", "policy",
+                        "opened_at", "resolved_at", "evidence", "summary"}
+    assert inc["policy"] == "1.1"
     assert "73 lines" in out.stderr
 
 
@@ -316,29 +317,24 @@ def test_replay_counts_bad_lines_and_never_fails_on_them(tmp_path: Path) -> None
 
 def test_handling_reported_at_the_dashboard_marks_the_device(collector: Collector) -> None:
     a = Agent().started()
-    feed(collector, a)
-    web = WebServer(collector, "127.0.0.1", 0)
-    web.start()
-    base = web.address.rstrip("/")
-    try:
-        assert _req(base + "/api/handling", {"agent": "room-1", "device": CAM["key"], "note": "", "by": "x"})[0] == 400
-        assert _req(base + "/api/handling", {"agent": "nope", "device": CAM["key"], "note": "n", "by": "x"})[0] == 400
-        code, ev = _req(base + "/api/handling", {"agent": "room-1", "device": CAM["key"],
-                                                 "note": "kamera jatuh dari tripod", "by": "budi"})
-        assert code == 200 and ev["type"] == "handling.reported" and ev["device"]["port"] == CAM["port"]
-    finally:
-        web.stop()
-    # an error later that day is handling damage (D1), not a device fault
-    from datetime import UTC, datetime
+    a.telemetry(30, [CAM["key"], SPK["key"]])
+    n = feed(collector, a)
+    with pytest.raises(ValueError, match="note"):
+        collector.report_handling("room-1", CAM["key"], "", "x")
+    with pytest.raises(ValueError, match="no room PC"):
+        collector.report_handling("nope", CAM["key"], "n", "x")
+    ev = collector.report_handling("room-1", CAM["key"], "kamera jatuh dari tripod", "budi")
+    assert ev["type"] == "handling.reported" and ev["device"]["port"] == CAM["port"] and ev["flag"] is None
+    assert ev["boot"].startswith("dashboard-") and ev["seq"] == 1 and ev["context"]["via"] == "dashboard"
+    # placed on the agent's own clock (its offset), the report comes before an error a second later
+    # in the running boot: handling damage (D1), not a device fault
+    from common.protocol import ts_seconds
+    from tests.builder import T0
 
-    from common.protocol import format_ts, ts_seconds
-
-    later = format_ts(datetime.fromtimestamp(ts_seconds(ev["ts"]) + 1, UTC))  # a second after the report
-    err = {"v": 1, "agent": "room-1", "boot": "bootlater001", "seq": 1, "ts": later,
-           "kind": "event", "type": "device.error", "device": CAM,
-           "error": {"code": "video.stream_error", "source": "kernel", "errno": -71, "problem_code": None,
-                     "message": "x", "count": 1}}
-    collector.ingest([Inbound("pantau/v1/agents/room-1/events", json.dumps(err).encode(), time.time())])
+    minutes = (ts_seconds(ev["ts"]) - T0.timestamp()) / 60
+    assert abs(minutes - 30) < 1  # the agent's clock stood at +30 min when the report was made
+    a.error(minutes + 1 / 60, CAM, "video.stream_error")
+    feed(collector, a, start=n)
     collector.tick()
     [row] = collector.store.query("SELECT rule, evidence FROM incidents")
     assert row["rule"] == "D1" and "handling.reported" in row["evidence"]

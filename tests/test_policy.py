@@ -23,7 +23,7 @@ from tests.builder import CAM, SPK, Agent, device, ts
 
 def replay(text: str) -> list[dict]:
     res = replay_stream(io.StringIO(text))
-    return [inc.to_json(rank) for inc, rank in res.incidents]
+    return [inc.to_json() for inc in res.incidents]
 
 
 def live(text: str, db: Path) -> list[dict]:
@@ -283,15 +283,32 @@ def test_device_absent_after_restart_counts_as_detached(tmp_path: Path) -> None:
     b.telemetry(75, [SPK["key"]])
     [inc] = incidents(a.text(), tmp_path)
     assert inc["kind"] == "device_missing" and inc["device"] == CAM["key"] and inc["opened_at"] == ts(60)
-    # at agent.started: 0-120 s after it, so host-wide
-    assert inc["rule"] == "H1"
+    # 1.1: an unwatched absence is never host-wide, though it is dated at agent.started
+    assert inc["rule"] == "M2" and inc["policy"] == "1.1"
+    assert [(e["boot"], e["seq"], e["type"]) for e in inc["evidence"]] == [("boottwo00002", 1, "agent.started")]
 
 
-def test_clean_stop_drops_pending_windows(tmp_path: Path) -> None:
+def test_clean_stop_carries_pending_windows_and_waits_for_the_next_start(tmp_path: Path) -> None:
     a = Agent().started()
     a.detach(30, CAM)
     a.event("agent.stopping", 32)
-    a.telemetry(60, [SPK["key"]])
+    assert incidents(a.text(), tmp_path / "a") == []  # no start yet: the window waits
+    b = a.restart("boottwo00002").started(at=600, devices=[SPK])
+    b.telemetry(609, [SPK["key"]])
+    assert incidents(a.text(), tmp_path / "b") == []  # 10 min after that start have not passed
+    b.telemetry(611, [SPK["key"]])
+    [inc] = incidents(a.text(), tmp_path / "c")
+    assert (inc["kind"], inc["rule"], inc["opened_at"]) == ("device_missing", "M2", ts(30))
+    assert [(e["boot"], e["type"]) for e in inc["evidence"]] == [(a.boot, "device.detached"),
+                                                                  ("boottwo00002", "agent.started")]
+
+
+def test_a_device_back_in_the_next_first_inventory_closes_a_carried_window(tmp_path: Path) -> None:
+    a = Agent().started()
+    a.detach(30, CAM, in_use=True)
+    a.event("agent.stopping", 32)
+    b = a.restart("boottwo00002").started(at=900)
+    b.telemetry(950, [SPK["key"], CAM["key"]])
     assert incidents(a.text(), tmp_path) == []
 
 
@@ -321,9 +338,11 @@ def test_late_spooled_attach_withdraws_a_missing_incident(tmp_path: Path) -> Non
     a = Agent("room-a", "bootaaaa0001", lines).started()
     other = Agent("room-b", "bootbbbb0001", lines).started()
     a.detach(30, CAM)
-    other.telemetry(45, [CAM["key"]])  # the shared clock passes room-a's window
-    n = len(lines)
-    a.attach(35, CAM)  # spooled: arrives late, ts inside the window
+    attach = a.attach(35, CAM)  # spooled: arrives last, ts inside the window
+    a.telemetry(45, [SPK["key"]])  # room-a's own clock passes its window
+    other.telemetry(46, [CAM["key"]])
+    lines.append(lines.pop(lines.index(next(x for x in lines if json.loads(x)["payload"] == attach))))
+    n = len(lines) - 1
     store_path = tmp_path / "w.sqlite"
     store = SqliteStore(str(store_path))
     c = Collector(store)
@@ -384,7 +403,7 @@ def test_will_with_a_malformed_received_at_takes_the_clock(tmp_path: Path) -> No
         c.ingest([Inbound(rec["topic"], json.dumps(rec["payload"]).encode(), time.time())])
     c.ingest([Inbound("pantau/v1/agents/room-1/state", json.dumps(will).encode(), time.time(), "not a time")])
     [row] = c.store.query("SELECT ts FROM evidence WHERE type = 'state' AND payload LIKE '%offline%'")
-    assert row["ts"] == json.loads(a.lines[-1])["payload"]["ts"] == c.clock_str  # the clock as it stood
+    assert row["ts"] == json.loads(a.lines[-1])["payload"]["ts"] == c.ingestor.clocks.ts["room-1"]  # as it stood
     text = a.text() + json.dumps({"topic": "pantau/v1/agents/room-1/state", "payload": will,
                                   "received_at": "not a time"}) + "\n"
     assert [i["rule"] for i in replay(text)] == ["D2"]

@@ -1,0 +1,224 @@
+"""The classifier: follows the stored evidence, one agent at a time on that agent's own clock.
+
+It owns the per-agent histories, clocks, window deadlines and pruning, evaluates the policy
+(``classify.evaluate``, a pure function) and records what changed (``IncidentBook``). It is fed
+only committed evidence: ``accept`` in the ingesting process, ``follow`` (reading the store by row
+id) when ingest workers in other processes store it. Nothing one agent sends touches another
+agent's history, clock, deadlines or pruning.
+
+Settled decisions stay: evidence older than an agent's horizon is forgotten, and an incident
+that read any of it is final (see ``IncidentBook.sync``); the horizon is kept in the store, so a
+restart loads exactly what was kept and decides exactly as before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from collector.classify import evaluate
+from collector.incidents import IncidentBook
+from collector.ingestor import MISMATCH, Stored
+from collector.policy import Windows
+from collector.store.sqlite import SqliteStore
+from collector.timeline import AgentHistory, evidence_from
+from common.protocol import Message, ProtocolError, Topic, format_epoch, now_ts, ts_seconds
+
+log = logging.getLogger(__name__)
+_CHANNEL = {"event": "events"}
+
+
+class Classifier:
+    def __init__(self, store: SqliteStore, windows: Windows | None = None, lang: str = "id",
+                 classify_every_s: float = 0.0) -> None:
+        self.store = store
+        self.windows = windows or Windows()
+        self.book = IncidentBook(store, lang)
+        self.classify_every_s = classify_every_s
+        self.histories: dict[str, AgentHistory] = {}
+        self.clocks: dict[str, float] = {}  # agent -> its clock (greatest ts), seconds
+        self.deadlines: dict[str, float] = {}  # agent -> earliest pending window end, on its clock
+        self.keep_from: dict[str, float] = {}  # agent -> oldest ts its undecided incidents still read
+        self.cut: dict[str, float] = {}  # agent -> evidence before this was forgotten (persisted)
+        self.skipped = 0  # stored rows no policy can read (kept in the store, logged)
+        self._dirty: set[str] = set()
+        self._followed = 0  # evidence id read so far
+        self._clock_rows: dict[str, str] = {}
+        self._last_classify = 0.0
+        self.lock = threading.RLock()
+        self._load()
+
+    @property
+    def horizon_s(self) -> float:
+        """How far back evidence can still change a decision."""
+        w = self.windows
+        return w.reopen_s + w.handling_s + max(w.missing_s, w.unstable_s) + 3600
+
+    # ------------------------------------------------------------------ feeding
+    def _load(self) -> None:
+        """Each agent's clock and kept evidence, as before the restart."""
+        with self.lock:
+            top = self.store.query("SELECT max(id) AS id FROM evidence")[0]["id"] or 0
+            for r in self.store.query("SELECT agent, clock, horizon FROM agents"):
+                agent = r["agent"]
+                self._advance_clock(agent, r["clock"])
+                clock = self.clocks.get(agent)
+                if clock is None:
+                    continue
+                cut = r["horizon"] if r["horizon"] is not None else self._first_cut(agent, clock)
+                self.cut[agent] = cut
+                rows = self.store.query(
+                    "SELECT id, agent, boot, seq, ts, kind, payload, flag FROM evidence "
+                    "WHERE agent = ? AND id <= ? AND ts >= ? ORDER BY id", (agent, top, _floor_ts(cut)))
+                self._add_rows(rows, cut)
+            self._followed = top
+            self._dirty |= set(self.histories)
+
+    def _first_cut(self, agent: str, clock: float) -> float:
+        """Where an agent's kept evidence starts when no horizon was recorded yet (a store from before
+        1.1): its clock minus the horizon, or earlier where an open incident still reads further back."""
+        cut = clock - self.horizon_s
+        for r in self.store.query("SELECT opened_at FROM incidents WHERE agent = ? AND status = 'open'", (agent,)):
+            try:
+                cut = min(cut, ts_seconds(r["opened_at"]) - self.windows.handling_s)
+            except ProtocolError:
+                continue
+        return cut
+
+    def _add_rows(self, rows: Iterable[dict[str, Any]], cut: float | None = None) -> None:
+        for r in rows:
+            try:
+                msg = Message(Topic("-", r["agent"], _CHANNEL.get(r["kind"], r["kind"])), json.loads(r["payload"]))
+                ev = evidence_from(msg, r["ts"], mismatch=r["flag"] == MISMATCH)
+            except (ValueError, KeyError, TypeError) as exc:
+                self.skipped += 1
+                log.warning("evidence row %s of %s cannot be read (%s); left out of decisions", r["id"], r["agent"],
+                            exc)
+                continue
+            if ev is None or (cut is not None and ev.ts < cut):
+                continue
+            self._add(ev)
+
+    def _add(self, ev: Any) -> None:
+        hist = self.histories.get(ev.agent)
+        if hist is None:
+            hist = self.histories[ev.agent] = AgentHistory(ev.agent)
+        if ev.ts < self.cut.get(ev.agent, float("-inf")):
+            return  # older than what this agent keeps: it can no longer change a decision
+        if hist.add(ev):
+            self._dirty.add(ev.agent)
+
+    def _advance_clock(self, agent: str, ts: str | None) -> None:
+        if ts is None or self._clock_rows.get(agent) == ts:
+            return
+        self._clock_rows[agent] = ts
+        try:
+            t = ts_seconds(ts)
+        except ProtocolError:
+            return
+        self._set_clock(agent, t)
+
+    def _set_clock(self, agent: str, t: float) -> None:
+        if t > self.clocks.get(agent, float("-inf")):
+            self.clocks[agent] = t
+            end = self.deadlines.get(agent)
+            if end is not None and t > end:
+                self._dirty.add(agent)
+
+    def accept(self, stored: list[Stored], clocks: dict[str, float]) -> None:
+        """Committed evidence and the clocks it moved, from the ingestor in this process."""
+        with self.lock:
+            for s in stored:
+                ev = evidence_from(s.msg, s.stamp, mismatch=s.flag == MISMATCH)
+                if ev is not None:
+                    self._add(ev)
+                self._followed = max(self._followed, s.id)
+            for agent, t in clocks.items():
+                self._set_clock(agent, t)
+            if time.monotonic() - self._last_classify >= self.classify_every_s:
+                self.classify_dirty()
+
+    def follow(self, limit: int = 5000) -> None:
+        """Classify what ingest workers (other processes) committed since the last call."""
+        with self.lock:
+            while True:
+                rows = self.store.query("SELECT id, agent, boot, seq, ts, kind, payload, flag FROM evidence "
+                                        "WHERE id > ? ORDER BY id LIMIT ?", (self._followed, limit))
+                if not rows:
+                    break
+                self._add_rows(rows)
+                self._followed = int(rows[-1]["id"])
+            for r in self.store.query("SELECT agent, clock FROM agents WHERE clock IS NOT NULL"):
+                self._advance_clock(r["agent"], r["clock"])
+            self.classify_dirty()
+
+    # ------------------------------------------------------------------ deciding
+    @property
+    def has_dirty(self) -> bool:
+        return bool(self._dirty)
+
+    def classify_dirty(self) -> None:
+        with self.lock:
+            self._last_classify = time.monotonic()
+            dirty, self._dirty = self._dirty, set()
+            for agent in sorted(dirty):
+                try:
+                    self.classify(agent)
+                except sqlite3.OperationalError as exc:  # the store refused (a full disk): decide again later
+                    log.warning("recording %s's incidents failed (%s); tried again", agent, exc)
+                    self._dirty.add(agent)
+                except Exception:  # one agent's failure must not stop the others' decisions
+                    log.exception("classifying %s failed; it is tried again with its next evidence", agent)
+
+    def classify(self, agent: str) -> list[str]:
+        hist = self.histories.get(agent)
+        clock = self.clocks.get(agent)
+        if hist is None or clock is None:
+            return []
+        w = self.windows
+        pending: list[float] = []
+        incidents = evaluate(hist, clock, w, pending)
+        if pending:
+            self.deadlines[agent] = min(pending)
+        else:
+            self.deadlines.pop(agent, None)
+        cut = self.cut.get(agent, float("-inf"))
+        needed = [i.needs_from(w) for i in incidents if not i.settled(clock, w)]
+        self.keep_from[agent] = min([clock - self.horizon_s, *needed])
+        return self.book.sync(agent, incidents, now_ts(), w, lambda needs_from: needs_from < cut)
+
+    def tick(self) -> None:
+        """Classify everything pending, then forget evidence no undecided incident can read.
+
+        An agent's horizon only moves forward and is recorded before anything is forgotten."""
+        with self.lock:
+            self._dirty |= set(self.histories)
+            self.classify_dirty()
+            moved = {a: t for a, t in self.keep_from.items() if t > self.cut.get(a, float("-inf"))}
+            if not moved:
+                return
+            with self.store.tx() as db:
+                db.executemany("UPDATE agents SET horizon = ? WHERE agent = ?", [(t, a) for a, t in moved.items()])
+            for agent, t in moved.items():
+                self.cut[agent] = t
+                hist = self.histories.get(agent)
+                if hist is not None and hist.prune(t):
+                    self._dirty.add(agent)
+
+    def clock_str(self, agent: str) -> str | None:
+        t = self.clocks.get(agent)
+        return None if t is None else format_epoch(t)
+
+
+def _floor_ts(t: float) -> str:
+    """An RFC 3339 bound a second before ``t``, for a coarse SQL filter (stored ts vary in precision)."""
+    try:
+        return format_epoch(max(t - 1, 946684800.0))  # 2000-01-01: no valid ts is older
+    except (ValueError, OverflowError):
+        return "0000"
+

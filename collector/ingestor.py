@@ -1,0 +1,418 @@
+"""The ingestor: validate, deduplicate and store. It judges nothing.
+
+Transport-free: the MQTT subscriber, ingest workers, replay-through-the-live-path tests and the
+benchmarks all feed ``Ingestor.ingest``. One batch is one transaction and each message is applied
+in a savepoint of its own, so a message that breaks anything is dead-lettered with the exception's
+class and the batch goes on. The subscriber acknowledges a message to the broker only after the
+batch holding it is committed (``synchronous=FULL``: durable before acknowledged).
+
+What it stores as evidence is what the classifier reads (``Classifier.accept`` in this process,
+``Classifier.follow`` from the store in another). Each agent's clock (its greatest ``ts``) and clock
+offset (the smallest receive time minus ``ts`` over the last 10 minutes) are kept here, per agent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import sqlite3
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from collector.store.sqlite import DEVICE_METRICS, HOST_METRICS, SqliteStore, dumps
+from collector.timeline import DASHBOARD_BOOT_PREFIX, WILL_SEQ, AgentClocks, is_dashboard_boot
+from common.protocol import (
+    DEFAULT_PREFIX,
+    SPEED_RANK,
+    Message,
+    ProtocolError,
+    Topic,
+    decode_message,
+    format_epoch,
+    ts_seconds,
+)
+
+log = logging.getLogger(__name__)
+OFFSET_WINDOW_S = 600.0
+MISMATCH = "registry_mismatch"
+
+
+@dataclass(slots=True)
+class Inbound:
+    topic: str
+    payload: bytes
+    received_at: float  # wall clock, seconds
+    stamp: str | None = None  # a capture's received_at (kept; no rule reads it)
+
+
+@dataclass(slots=True)
+class Stored:
+    """One piece of evidence as committed: what the classifier is fed."""
+
+    id: int
+    msg: Message
+    stamp: str
+    flag: str | None = None
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _flag(v: Any) -> int | None:
+    return (1 if v else 0) if isinstance(v, bool) else None
+
+
+def _store_failure(exc: BaseException) -> bool:
+    """Errors of the store itself (full disk, I/O, lock): the batch is retried, never dead-lettered."""
+    return isinstance(exc, sqlite3.OperationalError | MemoryError) or type(exc) is sqlite3.DatabaseError
+
+
+class _OffsetWindow:
+    """Sliding minimum of (receive time - ts) over the last ``OFFSET_WINDOW_S`` of receive time."""
+
+    __slots__ = ("q",)
+
+    def __init__(self) -> None:
+        self.q: deque[tuple[float, float]] = deque()
+
+    def add(self, rx: float, offset: float) -> float:
+        q = self.q
+        while q and q[-1][1] >= offset:
+            q.pop()
+        q.append((rx, offset))
+        while q[0][0] < rx - OFFSET_WINDOW_S:
+            q.popleft()
+        return q[0][1]
+
+
+@dataclass
+class _Batch:
+    """What one batch changes, merged into the ingestor only after it commits."""
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    host_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    device_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    agents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evidence: list[Stored] = field(default_factory=list)
+    clocks: dict[str, tuple[float, str]] = field(default_factory=dict)
+    offsets: list[tuple[str, float, float]] = field(default_factory=list)
+    tele: dict[str, tuple[frozenset[str], bool]] = field(default_factory=dict)  # (last present set, events since)
+    lag: float = 0.0
+
+
+class Ingestor:
+    def __init__(self, store: SqliteStore, prefix: str | None = None, dead_letter_max: int = 1000,
+                 timeseries: Any = None) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.dead_letter_max = dead_letter_max
+        self.timeseries = timeseries  # an optional second sink (InfluxDB)
+        self.received = 0
+        self.stored = 0
+        self.duplicates = 0
+        self.rejected: Counter[str] = Counter()
+        self.last_lag = 0.0
+        self.clocks = AgentClocks()
+        self._offsets: dict[str, _OffsetWindow] = {}
+        # agent -> (present set of its last telemetry evidence, whether other evidence came since)
+        self._tele: dict[str, tuple[frozenset[str], bool]] = {}
+        self._log_gate: dict[str, float] = {}
+        self.listeners: list[Callable[[list[Stored], dict[str, float]], None]] = []
+        self.last_commit = time.time()
+        self.last_failure: str | None = None  # why the last batch could not be stored, until one is
+        for r in store.query("SELECT agent, clock FROM agents WHERE clock IS NOT NULL"):
+            try:
+                self.clocks.advance(r["agent"], r["clock"])
+            except ProtocolError:
+                log.warning("agent %s: stored clock %r is not a time; it starts afresh", r["agent"], r["clock"])
+
+    # ------------------------------------------------------------------ the batch
+    def ingest(self, items: list[Inbound]) -> list[Stored]:
+        """Validate, dedup and store one batch in one transaction; returns the evidence stored.
+
+        Raises only when the store itself fails (full disk, I/O): then nothing of the batch is
+        kept and the caller retries it. Anything else a message breaks dead-letters that message."""
+        try:
+            batch = self._ingest(items)
+        except Exception as exc:
+            self.last_failure = f"{type(exc).__name__}: {exc}"
+            if _store_failure(exc) or len(items) == 1:
+                raise
+            log.exception("a batch of %d failed outside any one message; storing them one by one", len(items))
+            out: list[Stored] = []
+            for item in items:
+                out += self.ingest([item])
+            return out
+        self._merge(batch)
+        for fn in self.listeners:
+            fn(batch.evidence, {a: t for a, (t, _) in batch.clocks.items()})
+        return batch.evidence
+
+    def _ingest(self, items: list[Inbound]) -> _Batch:
+        b = _Batch()
+        with self.store.tx() as db:
+            for item in items:
+                b.received += 1
+                try:
+                    msg = decode_message(item.topic, item.payload, self.prefix)
+                except ProtocolError as exc:
+                    self._reject(db, b, item, exc)
+                    continue
+                try:
+                    with self.store.savepoint(db):
+                        one = _Batch()
+                        self._apply(db, b, one, item, msg)
+                except Exception as exc:
+                    if _store_failure(exc):
+                        raise
+                    log.exception("message on %s broke ingest; dead-lettered", item.topic[:120])
+                    self._reject(db, b, item, ProtocolError("ingest_failed", f"{type(exc).__name__}: {exc}"))
+                    continue
+                _absorb(b, one)
+            SqliteStore.add_samples(db, b.host_rows, b.device_rows)
+            for agent, upd in b.agents.items():
+                self._update_agent(db, agent, upd, b)
+            dead = db.execute("SELECT max(id) FROM dead_letter").fetchone()[0]
+            if dead and dead > self.dead_letter_max:
+                db.execute("DELETE FROM dead_letter WHERE id <= ?", (dead - self.dead_letter_max,))
+            self._persist_counters(db, b)
+        return b
+
+    def _apply(self, db: sqlite3.Connection, batch: _Batch, b: _Batch, item: Inbound, msg: Message) -> None:
+        """Store one message; its changes go to ``b`` (merged into ``batch`` only if it succeeds)."""
+        seq = WILL_SEQ if msg.seq is None else msg.seq
+        if not self.store.mark_seen(db, msg.agent, msg.boot, seq):
+            b.duplicates += 1
+            return
+        dashboard = is_dashboard_boot(msg.boot)
+        clock = batch.clocks.get(msg.agent)
+        if clock is None and msg.agent in self.clocks.t:
+            clock = (self.clocks.t[msg.agent], self.clocks.ts[msg.agent])
+        # a will takes its agent's clock as it stands (its receive time if the agent has none yet)
+        stamp = msg.ts if msg.ts is not None else clock[1] if clock else format_epoch(item.received_at)
+        t = ts_seconds(stamp)
+        if msg.ts is not None and not dashboard:
+            if clock is None or t > clock[0]:
+                b.clocks[msg.agent] = (t, stamp)
+            b.offsets.append((msg.agent, item.received_at, item.received_at - t))
+            b.lag = max(0.0, item.received_at - t)
+        upd = b.agents.setdefault(msg.agent, {})
+        if not dashboard and (upd.get("last_seen") is None or stamp > upd["last_seen"]):
+            upd["last_seen"] = stamp
+        if msg.kind == "telemetry":
+            self._telemetry(db, batch, b, msg, stamp, item.received_at, upd)
+        else:
+            self._evidence(db, b, msg, stamp, item.received_at)
+            last, _ = self._tele_state(batch, msg.agent)
+            b.tele[msg.agent] = (last, True)  # evidence came: the next telemetry is evidence again
+            if msg.kind == "state":
+                p = msg.payload
+                upd.update(state=p["state"], reason=p.get("reason"), boot=msg.boot)
+                for k in ("hostname", "version", "platform"):
+                    if p.get(k) is not None:
+                        upd[k] = p[k]
+                if isinstance(p.get("labels"), dict):
+                    upd["labels"] = dumps(p["labels"])
+            elif msg.kind == "inventory":
+                upd["inventory"] = dumps(msg.payload["devices"])
+        b.stored += 1
+
+    def _tele_state(self, batch: _Batch, agent: str) -> tuple[frozenset[str], bool]:
+        return batch.tele.get(agent) or self._tele.get(agent) or (frozenset(), True)
+
+    def _merge(self, b: _Batch) -> None:
+        self.received += b.received
+        self.stored += b.stored
+        self.duplicates += b.duplicates
+        self.rejected.update(b.rejected)
+        self.last_lag = b.lag or self.last_lag
+        for agent, (t, ts) in b.clocks.items():
+            self.clocks.advance(agent, ts, t)
+        self._tele.update(b.tele)
+        self.last_commit = time.time()
+        self.last_failure = None
+
+    def _reject(self, db: sqlite3.Connection, b: _Batch, item: Inbound, exc: ProtocolError) -> None:
+        b.rejected[exc.reason] += 1
+        db.execute("INSERT INTO dead_letter (received_at, topic, reason, detail, payload) VALUES (?,?,?,?,?)",
+                   (format_epoch(item.received_at), item.topic[:512].encode("utf-8", "replace").decode(),
+                    exc.reason, exc.detail[:512].encode("utf-8", "replace").decode(), bytes(item.payload[:4096])))
+        now = time.monotonic()
+        if now - self._log_gate.get(exc.reason, -1e9) >= 60:
+            self._log_gate[exc.reason] = now
+            log.warning("rejected a message on %r: %s (further %s rejections logged once a minute)",
+                        item.topic[:120], exc, exc.reason)
+
+    def _persist_counters(self, db: sqlite3.Connection, b: _Batch) -> None:
+        """Counters live in the store, so /metrics adds up every ingest process."""
+        deltas = {"received": b.received, "stored": b.stored, "duplicates": b.duplicates}
+        deltas.update({f"rejected:{k}": v for k, v in b.rejected.items()})
+        for name, d in deltas.items():
+            if d:
+                SqliteStore.bump(db, name, d)
+        if b.lag:
+            db.execute("INSERT INTO counters VALUES ('lag_ms', ?) ON CONFLICT(name) DO UPDATE SET "
+                       "value = excluded.value", (int(b.lag * 1000),))
+
+    def _update_agent(self, db: sqlite3.Connection, agent: str, upd: dict[str, Any], b: _Batch) -> None:
+        db.execute("INSERT OR IGNORE INTO agents (agent) VALUES (?)", (agent,))
+        last = upd.pop("last_seen", None)
+        clock = b.clocks.get(agent)
+        if clock is not None:
+            upd["clock"] = format_epoch(clock[0])
+        offset = None
+        for a, rx, off in b.offsets:
+            if a == agent:
+                offset = self._offsets.setdefault(agent, _OffsetWindow()).add(rx, off)
+        if offset is not None:
+            upd["clock_offset_s"] = round(offset, 3)
+        values = [dumps(v) if isinstance(v, dict | list) else v for v in upd.values()]
+        sets = [f"{k} = ?" if k != "clock" else "clock = max(coalesce(clock, ''), ?)" for k in upd]
+        if last is not None:
+            sets.append("last_seen = max(coalesce(last_seen, ''), ?)")
+            values.append(last)
+        if sets:
+            db.execute(f"UPDATE agents SET {', '.join(sets)} WHERE agent = ?", (*values, agent))
+
+    def _evidence(self, db: sqlite3.Connection, b: _Batch, msg: Message, stamp: str, received_at: float) -> None:
+        p = msg.payload
+        kind = msg.kind
+        etype = p.get("type", kind) if kind == "event" else kind
+        dev = p.get("device") if isinstance(p.get("device"), dict) else None
+        stored = p if "ts" in p else {**p, "ts": stamp}
+        flag = self._registry_flag(db, msg.agent, dev["key"]) if etype == "handling.reported" and dev else None
+        seq = WILL_SEQ if msg.seq is None else msg.seq
+        cur = db.execute("INSERT INTO evidence (agent, boot, seq, ts, kind, type, device, payload, received_at, flag) "
+                         "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                         (msg.agent, msg.boot, seq, stamp, kind, etype, dev["key"] if dev else None, dumps(stored),
+                          format_epoch(received_at), flag))
+        b.evidence.append(Stored(int(cur.lastrowid or 0), msg, stamp, flag))
+
+    def _registry_flag(self, db: sqlite3.Connection, agent: str, device: str) -> str | None:
+        """A handling report naming a device the registry lends to another room than this agent's."""
+        lent = db.execute("SELECT room FROM loans WHERE device = ?", (device,)).fetchone()
+        if lent is None or not lent[0]:
+            return None
+        own = db.execute("SELECT id FROM rooms WHERE agent = ?", (agent,)).fetchall()
+        rooms = {r[0] for r in own}
+        if not rooms:
+            labels = db.execute("SELECT labels FROM agents WHERE agent = ?", (agent,)).fetchone()
+            room = json.loads(labels[0]).get("room") if labels and labels[0] else None
+            rooms = {room} if isinstance(room, str) else set()
+        return MISMATCH if rooms and lent[0] not in rooms else None
+
+    def _telemetry(self, db: sqlite3.Connection, batch: _Batch, b: _Batch, msg: Message, stamp: str,
+                   received_at: float, upd: dict[str, Any]) -> None:
+        p = msg.payload
+        t = ts_seconds(stamp)
+        host = p.get("host") if isinstance(p.get("host"), dict) else {}
+        host_values = [_num(host.get(k)) for k in HOST_METRICS]
+        b.host_rows.append((t, msg.agent, *host_values, received_at))
+        devices = [(d["key"], (_flag(d.get("present")), _flag(d.get("in_use")), _num(d.get("errors_total")),
+                               _num(d.get("resets_total")), SPEED_RANK.get(d.get("speed", ""))))
+                   for d in p["devices"]]
+        b.device_rows.extend((t, msg.agent, key, *values, received_at) for key, values in devices)
+        upd["host"] = host  # serialised once per batch, in _update_agent
+        upd["devices"] = p["devices"]
+        if self.timeseries is not None:
+            rows = [(t, msg.agent, "_host", k, v) for k, v in zip(HOST_METRICS, host_values, strict=True)
+                    if v is not None]
+            rows += [(t, msg.agent, key, k, float(v)) for key, values in devices
+                     for k, v in zip(DEVICE_METRICS, values, strict=True) if v is not None]
+            self.timeseries.add(msg.agent, rows, *self._labels(db, msg.agent))
+        present = frozenset(d["key"] for d in p["devices"] if d.get("present") is True)
+        last, events_since = self._tele_state(batch, msg.agent)
+        if present and (present != last or events_since):
+            # evidence only when it can say something new: a device seen again
+            b.tele[msg.agent] = (present, False)
+            slim = {"v": 1, "agent": msg.agent, "boot": msg.boot, "seq": msg.seq, "ts": stamp, "kind": "telemetry",
+                    "devices": [{"key": k, "present": True} for k in sorted(present)]}
+            cur = db.execute("INSERT INTO evidence (agent, boot, seq, ts, kind, type, device, payload, received_at) "
+                             "VALUES (?,?,?,?,?,?,?,?,?)", (msg.agent, msg.boot, msg.seq, stamp, "telemetry",
+                                                            "telemetry", None, dumps(slim), format_epoch(received_at)))
+            b.evidence.append(Stored(int(cur.lastrowid or 0), Message(msg.topic, slim), stamp))
+
+    # ------------------------------------------------------------------ dashboard reports
+    def report_handling(self, agent: str, device_key: str, note: str, by: str) -> dict[str, Any]:
+        """A handling report made at the dashboard, stored as that agent's ``handling.reported`` through
+        the same validation as the agent's own. It is its own boot ``dashboard-…`` (seq 1), dated at
+        now converted to the agent's clock (its clock offset), so the classifier places it in that
+        agent's timeline where it happened. Returns the message, with ``flag`` set when the registry
+        lends the device to another room."""
+        if not note.strip() or not by.strip():
+            raise ValueError("a handling report needs a note and the name of who reports it")
+        if not device_key.strip():
+            raise ValueError("a handling report needs the device's key")
+        row = self.store.query("SELECT inventory, clock_offset_s FROM agents WHERE agent = ?", (agent,))
+        if not row:
+            raise ValueError(f"no room PC {agent!r} has reported to this collector")
+        inventory = json.loads(row[0]["inventory"] or "[]")
+        device = next((d for d in inventory if d.get("key") == device_key), {"key": device_key})
+        offset = row[0]["clock_offset_s"] or 0.0
+        now = time.time()
+        payload = {"v": 1, "agent": agent, "boot": f"{DASHBOARD_BOOT_PREFIX}{secrets.token_hex(6)}", "seq": 1,
+                   "ts": format_epoch(now - offset), "kind": "event", "type": "handling.reported", "device": device,
+                   "context": {"note": note.strip()[:500], "reported_by": by.strip()[:120], "via": "dashboard"}}
+        topic = str(Topic(self.prefix or DEFAULT_PREFIX, agent, "events"))
+        stored = self.ingest([Inbound(topic, dumps(payload).encode(), now)])
+        if not stored:
+            reason = self.store.query("SELECT reason, detail FROM dead_letter ORDER BY id DESC LIMIT 1")
+            why = f"{reason[0]['reason']}: {reason[0]['detail']}" if reason else "not stored"
+            raise ValueError(f"the report was refused ({why})")
+        return {**payload, "flag": stored[0].flag}
+
+    # ------------------------------------------------------------------ helpers
+    def _labels(self, db: sqlite3.Connection, agent: str) -> tuple[dict[str, str], dict[str, str]]:
+        """The agent's labels (unit, room) and the kind of each device in its inventory."""
+        row = db.execute("SELECT labels, inventory FROM agents WHERE agent = ?", (agent,)).fetchone()
+        if not row:
+            return {}, {}
+        labels = json.loads(row[0]) if row[0] else {}
+        inventory = json.loads(row[1]) if row[1] else []
+        return labels, {d["key"]: str(d.get("kind", "unknown")) for d in inventory if isinstance(d, dict)}
+
+    def health(self, stall_s: float = 30.0) -> list[str]:
+        """Reasons the ingest path is unhealthy now (empty when healthy)."""
+        if self.last_failure is not None:
+            return [f"the store refuses writes: {self.last_failure}"]
+        return []
+
+    def metrics(self) -> dict[str, Any]:
+        """Totals since the store was created, over every ingest process."""
+        c = self.store.counters()
+        dl = self.store.query("SELECT count(*) AS n FROM dead_letter")[0]["n"]
+        return {"received": c.get("received", 0), "stored": c.get("stored", 0),
+                "duplicates": c.get("duplicates", 0),
+                "rejected": {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("rejected:")},
+                "lag_s": c.get("lag_ms", 0) / 1000, "dead_letters": dl,
+                "buffer_depth": self.timeseries.buffer_depth() if self.timeseries is not None else 0,
+                "seconds_since_commit": round(time.time() - self.last_commit, 3)}
+
+
+def _absorb(b: _Batch, one: _Batch) -> None:
+    """Fold one message's changes into its batch (after its savepoint was released)."""
+    b.duplicates += one.duplicates
+    b.stored += one.stored
+    b.host_rows += one.host_rows
+    b.device_rows += one.device_rows
+    for agent, upd in one.agents.items():
+        cur = b.agents.setdefault(agent, {})
+        last = upd.pop("last_seen", None)
+        cur.update(upd)
+        if last is not None and (cur.get("last_seen") is None or last > cur["last_seen"]):
+            cur["last_seen"] = last
+    b.evidence += one.evidence
+    for agent, clock in one.clocks.items():
+        if agent not in b.clocks or clock[0] > b.clocks[agent][0]:
+            b.clocks[agent] = clock
+    b.offsets += one.offsets
+    b.tele.update(one.tele)
+    b.lag = one.lag or b.lag
