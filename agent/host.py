@@ -16,7 +16,7 @@ def host_boot_ts() -> str:
 
 def _temperature() -> float | None:
     try:
-        temps = psutil.sensors_temperatures()  # type: ignore[attr-defined]
+        temps = psutil.sensors_temperatures()
     except (AttributeError, OSError):
         return None
     values = [t.current for entries in temps.values() for t in entries if t.current]

@@ -115,11 +115,11 @@ class Watcher:
                 events.append(_event("device.detached", old, self._context(key, merged)))
                 inventory_changed = True
         for key, new in cur.items():
-            old = prev.get(key)
-            if old is None or new["port"] != old["port"]:
+            was = prev.get(key)
+            if was is None or new["port"] != was["port"]:
                 events.append(_event("device.attached", new, self._context(key, tick.usage.get(key))))
                 inventory_changed = True
-            elif new.get("speed") != old.get("speed"):
+            elif new.get("speed") != was.get("speed"):
                 inventory_changed = True
             self._remember(new)
         events += self._speed(cur)

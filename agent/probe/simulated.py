@@ -137,7 +137,7 @@ class SimulatedBackend(usb.backend.IBackend):
     def __init__(self, bus: BusFile) -> None:
         self.bus = bus
 
-    def enumerate_devices(self):  # type: ignore[no-untyped-def]
+    def enumerate_devices(self):
         self.bus.reload()
         return list(self.bus.devices)
 
@@ -147,7 +147,7 @@ class SimulatedBackend(usb.backend.IBackend):
         if dev.get("unresponsive"):
             raise usb.core.USBTimeoutError("Operation timed out", errno=errno.ETIMEDOUT)
 
-    def get_device_descriptor(self, dev):  # type: ignore[no-untyped-def]
+    def get_device_descriptor(self, dev):
         strings = 1 if dev.get("vendor") else 0, 2 if dev.get("product") else 0, 3 if dev.get("serial") else 0
         fw = str(dev.get("firmware", "1.00"))
         major, _, minor = fw.partition(".")
@@ -164,14 +164,14 @@ class SimulatedBackend(usb.backend.IBackend):
             port_numbers=dev["_ports"], speed=SPEED_CODES[dev.get("speed", "high")],
         )
 
-    def get_configuration_descriptor(self, dev, config):  # type: ignore[no-untyped-def]
+    def get_configuration_descriptor(self, dev, config):
         if config != 0:
             raise IndexError("configuration index out of range")
         n = len(_interfaces(dev.get("kind", "other")))
         return _Desc(bLength=9, bDescriptorType=2, wTotalLength=0, bNumInterfaces=n, bConfigurationValue=1,
                      iConfiguration=0, bmAttributes=0x80, bMaxPower=250, extra_descriptors=[])
 
-    def get_interface_descriptor(self, dev, intf, alt, config):  # type: ignore[no-untyped-def]
+    def get_interface_descriptor(self, dev, intf, alt, config):
         ifs = _interfaces(dev.get("kind", "other"))
         if config != 0 or intf >= len(ifs) or alt >= len(ifs[intf]):
             raise IndexError("interface or alternate setting out of range")
@@ -180,27 +180,27 @@ class SimulatedBackend(usb.backend.IBackend):
                      bNumEndpoints=len(a["eps"]), bInterfaceClass=a["cls"], bInterfaceSubClass=a["sub"],
                      bInterfaceProtocol=0, iInterface=0, extra_descriptors=[])
 
-    def get_endpoint_descriptor(self, dev, ep, intf, alt, config):  # type: ignore[no-untyped-def]
+    def get_endpoint_descriptor(self, dev, ep, intf, alt, config):
         a = _interfaces(dev.get("kind", "other"))[intf][alt]
         if ep >= len(a["eps"]):
             raise IndexError("endpoint out of range")
         return _Desc(bLength=7, bDescriptorType=5, bEndpointAddress=a["eps"][ep], bmAttributes=1,
                      wMaxPacketSize=512, bInterval=1, bRefresh=0, bSynchAddress=0, extra_descriptors=[])
 
-    def open_device(self, dev):  # type: ignore[no-untyped-def]
+    def open_device(self, dev):
         self._alive(dev)
         return dev
 
-    def close_device(self, dev_handle):  # type: ignore[no-untyped-def]
+    def close_device(self, dev_handle):
         return None
 
-    def get_configuration(self, dev_handle):  # type: ignore[no-untyped-def]
+    def get_configuration(self, dev_handle):
         return 1
 
-    def set_configuration(self, dev_handle, config_value):  # type: ignore[no-untyped-def]
+    def set_configuration(self, dev_handle, config_value):
         return None
 
-    def ctrl_transfer(self, dev_handle, bmRequestType, bRequest, wValue, wIndex, data, timeout):  # type: ignore[no-untyped-def]
+    def ctrl_transfer(self, dev_handle, bmRequestType, bRequest, wValue, wIndex, data, timeout):
         self._alive(dev_handle)
         if bmRequestType != 0x80 or bRequest != 6 or (wValue >> 8) != 3:
             raise usb.core.USBError("Pipe error", errno=errno.EPIPE)
@@ -217,5 +217,5 @@ class SimulatedBackend(usb.backend.IBackend):
         data[:n] = array.array("B", raw[:n])
         return n
 
-    def get_parent(self, dev):  # type: ignore[no-untyped-def]
+    def get_parent(self, dev):
         return None

@@ -124,7 +124,7 @@ def describe(dev: Any, sysfs_root: str = "/sys", failures: list[int] | None = No
     """One pyusb device -> the protocol's device object (None for hubs)."""
     if dev.bDeviceClass == 0x09:
         return None
-    alts: list[tuple[int, int, list[int]]] = []
+    alts: list[tuple[int, int, list[int | tuple[int, int]]]] = []
     try:
         for cfg in dev:
             for intf in cfg:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 _ID_RE = re.compile(r"^USB\\VID_([0-9A-F]{4})&PID_([0-9A-F]{4})(?:&[^\\]*)?\\(.+)$", re.IGNORECASE)
@@ -46,7 +47,7 @@ class PnpDevice:
                 "message": msg[:512], "count": 1}
 
 
-def _device(rec: dict[str, object]) -> PnpDevice | None:
+def _device(rec: Mapping[str, object]) -> PnpDevice | None:
     iid = next((str(rec[k]) for k in ("InstanceId", "PNPDeviceID", "DeviceID") if rec.get(k)), None)
     if iid is None:
         return None
