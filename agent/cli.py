@@ -37,9 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("signals", help="print what the agent makes of a kernel log, one JSON object a line")
     s.add_argument("--kernel-log", required=True, metavar="FILE", help="kernel log (dmesg, journal or /dev/kmsg)")
     h = sub.add_parser("report-handling", help="record that a person handled a device (dropped it, pulled the "
-                       "cable); queued in the outbox the running agent sends")
-    h.add_argument("device", help="device key as in `pantau-agent once` (vid:pid:serial or vid:pid@port)")
-    h.add_argument("--note", required=True, help="what happened, in a sentence")
+                       "cable); the running agent sends it as its next event, or the next one to start")
+    h.add_argument("device", help="device key as in `pantau-agent once` (vid:pid:serial or vid:pid@port); "
+                   "a device not plugged in now is fine")
+    h.add_argument("--note", required=True, help="what happened, in a sentence (at most 500 characters)")
+    h.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                   help="how long to wait for a running agent to take the report (default: 5 polls, at least 10 s)")
     sim = sub.add_parser("simulate", help="run against a simulated room (a JSON bus file, created if missing)")
     sim.add_argument("--bus", default=None, help="bus file (default: $PANTAU_SIMULATED_BUS or ./var/sim/room.json)")
     return p
@@ -47,11 +50,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(cfg: AgentConfig) -> int:
     from agent.runner import Agent
+    from agent.state import AlreadyRunning
 
     try:
         agent = Agent(cfg)
     except OSError as exc:
-        print(f"pantau-agent: cannot use state directory {cfg.state_dir}: {exc.strerror}", file=sys.stderr)
+        print(f"pantau-agent: cannot use state directory {cfg.state_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except AlreadyRunning as exc:
+        print(f"pantau-agent: {exc}", file=sys.stderr)
         return 2
 
     def stop(signum: int, frame: object) -> None:
@@ -64,32 +71,36 @@ def _run(cfg: AgentConfig) -> int:
     return 0
 
 
-def _report_handling(cfg: AgentConfig, key: str, note: str) -> int:
-    """Queue a handling.reported event. It carries a boot of its own (seq 1): the protocol's seq
-    is per boot, and this process is not the running agent's boot."""
-    import os
-    import secrets
+def _report_handling(cfg: AgentConfig, key: str, note: str, wait_s: float | None) -> int:
+    """Hand a handling report to the agent (see agent/handoff.py): it goes out as the running agent's
+    next event, in order with everything else it saw; with no agent running, after the next start."""
+    import time
 
-    from agent.spool import Outbox
-    from common.protocol import encode, envelope, topic_for
+    from agent.handoff import ReportError, write_report
+    from agent.state import agent_running
 
-    if not note.strip():
-        print("pantau-agent report-handling: --note must say what happened", file=sys.stderr)
-        return 2
-    device: dict[str, Any] = {"key": key}
     try:
-        from agent.runner import snapshot
-
-        device = next((d for d in snapshot(cfg)["devices"] if d["key"] == key), device)
-    except Exception as exc:  # reporting must work even when the bus cannot be read
-        logging.getLogger(__name__).info("device details unavailable: %s", exc)
-    device = {k: v for k, v in device.items() if k not in ("in_use", "users")}
-    msg = envelope(cfg.agent_id, secrets.token_hex(8), 1, "event", type="handling.reported", device=device,
-                   context={"note": note.strip()[:500], "reported_by": os.environ.get("USER", "")})
-    ob = Outbox(os.path.join(cfg.state_dir, "outbox.sqlite"), cfg.spool_max_events, cfg.spool_max_bytes)
-    ob.put(topic_for(cfg.agent_id, "events", cfg.prefix), encode(msg), qos=1)
-    ob.close()
-    print(f"handling of {key} recorded; the agent sends it with its next delivery")
+        path = write_report(cfg.state_dir, key, note)
+    except ReportError as exc:
+        print(f"pantau-agent report-handling: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"pantau-agent report-handling: cannot queue the report in {cfg.state_dir}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    running = agent_running(cfg.state_dir)
+    if not running:
+        print(f"handling of {key.strip()} queued; "
+              + ("no agent runs now: it goes out after the next start" if running is False
+                 else "the agent sends it when it next looks"))
+        return 0
+    end = time.monotonic() + (wait_s if wait_s is not None else max(10.0, 5 * cfg.poll_s))
+    while os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.05)
+    if os.path.exists(path):
+        print(f"handling of {key.strip()} queued; the running agent has not taken it yet (it will)")
+    else:
+        print(f"handling of {key.strip()} handed to the running agent")
     return 0
 
 
@@ -131,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pantau-agent: {exc}", file=sys.stderr)
         return 2
     if args.cmd == "report-handling":
-        return _report_handling(cfg, args.device, args.note)
+        return _report_handling(cfg, args.device, args.note, args.wait)
     if args.cmd == "once":
         from agent.runner import snapshot
 

@@ -45,6 +45,7 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     spool_max_events: int = 100_000
     spool_max_bytes: int = 100 * 1024 * 1024
+    spool_memory_max_events: int = 10_000  # held in memory while the disk refuses writes
     inflight_max: int = 1000
     recover_quiet_s: float = 600.0
     reconnect_max_s: float = 60.0
@@ -60,7 +61,7 @@ class AgentConfig:
 
 
 _FLOATS = {"poll_s", "telemetry_s", "recover_quiet_s", "reconnect_max_s"}
-_INTS = {"spool_max_events", "spool_max_bytes", "inflight_max"}
+_INTS = {"spool_max_events", "spool_max_bytes", "spool_memory_max_events", "inflight_max"}
 _LISTS = {"watch_kinds", "watch_vidpid", "meeting_processes"}
 
 

@@ -13,13 +13,16 @@ from typing import Any
 
 from agent import __version__
 from agent.config import AgentConfig
+from agent.handoff import Report, ensure_dir, pending_reports, remove
 from agent.host import gauges, host_boot_ts
 from agent.power import LogindSleepWatcher, SuspendDetector
 from agent.probe.usb import Prober, libusb_backend
 from agent.publish import Session
 from agent.signals.kmsg import parse_lines
+from agent.signals.resolve import resolve
 from agent.signals.tail import KernelLogTail
 from agent.spool import Outbox
+from agent.state import AgentLock, record_boot
 from agent.usage import device_nodes, holders, meeting_running
 from agent.watch import Tick, Usage, Watcher
 from common.protocol import encode, envelope, topic_for
@@ -112,8 +115,16 @@ class Agent:
         self.boot = secrets.token_hex(8)
         self._seq = 0
         self._seq_lock = threading.Lock()
-        self.outbox = Outbox(os.path.join(cfg.state_dir, "outbox.sqlite"), cfg.spool_max_events,
-                             cfg.spool_max_bytes)
+        os.makedirs(cfg.state_dir, exist_ok=True)
+        self.lock = AgentLock(cfg.state_dir)
+        self.lock.acquire()  # AlreadyRunning: one agent per state directory
+        try:
+            self.outbox = Outbox(os.path.join(cfg.state_dir, "outbox.sqlite"), cfg.spool_max_events,
+                                 cfg.spool_max_bytes, mem_max_events=cfg.spool_memory_max_events)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.prev_boot = record_boot(cfg.state_dir, self.boot)
         self.observer = Observer(cfg)
         self.watcher = Watcher(cfg.recover_quiet_s)
         self.kernel = KernelLogTail(cfg.kernel_log) if cfg.kernel_log else None
@@ -135,17 +146,44 @@ class Agent:
     def _topic(self, channel: str) -> str:
         return topic_for(self.cfg.agent_id, channel, self.cfg.prefix)
 
-    def _spool(self, channel: str, kind: str, retain: bool = False, **body: Any) -> None:
+    def _spool(self, channel: str, kind: str, retain: bool = False, keep: bool = False, token: str | None = None,
+               **body: Any) -> None:
         with self._seq_lock:  # seq order == outbox order
             self._seq += 1
             msg = envelope(self.cfg.agent_id, self.boot, self._seq, kind, **body)
-            self.outbox.put(self._topic(channel), encode(msg), qos=1, retain=retain)
+            self.outbox.put(self._topic(channel), encode(msg), qos=1, retain=retain, keep=keep, token=token)
 
-    def emit(self, ev: dict[str, Any]) -> None:
+    def emit(self, ev: dict[str, Any], token: str | None = None) -> None:
         body = dict(ev)
         etype = body.pop("type")
-        self._spool("events", "event", type=etype, **body)
+        # a detach is what a liability decision turns on: never the one dropped from a full memory
+        self._spool("events", "event", keep=etype == "device.detached", token=token, type=etype, **body)
         log.info("event %s %s", etype, (ev.get("device") or {}).get("key", ""))
+
+    def take_reports(self) -> None:
+        """Send the handling reports queued by ``pantau-agent report-handling`` as our own events;
+        a report's file goes once its event is safely in the outbox."""
+        for rep in pending_reports(self.cfg.state_dir):
+            state = self.outbox.token_state(rep.id)
+            if state is None:
+                self.emit({"type": "handling.reported", "device": self._report_device(rep),
+                           "context": {"note": rep.note, "reported_by": rep.reported_by, "via": "agent",
+                                       "reported_at": rep.reported_at}}, token=rep.id)
+                state = self.outbox.token_state(rep.id)
+            if state == "queued":
+                remove(rep)
+                self.outbox.forget_token(rep.id)
+
+    def _report_device(self, rep: Report) -> dict[str, Any]:
+        """The device as last seen; an unknown key (unplugged, never seen) goes as the key alone."""
+        dev = self.watcher.current.get(rep.key) or self.watcher.last_known.get(rep.key)
+        return dict(dev) if dev else {"key": rep.key}
+
+    def _forget_stale_tokens(self) -> None:
+        """Tokens of reports whose file is gone (a stop between queueing and cleaning up)."""
+        waiting = {r.id for r in pending_reports(self.cfg.state_dir)}
+        for token in self.outbox.tokens() - waiting:
+            self.outbox.forget_token(token)
 
     def _inventory(self) -> None:
         self._spool("inventory", "inventory", retain=True, devices=list(self.watcher.current.values()))
@@ -175,9 +213,11 @@ class Agent:
         if slept is not None and self._logind_cycle:
             slept = None  # logind already said it, before the devices went
         self._logind_cycle = False
+        self.outbox.retry()
+        self.take_reports()
         t = self.observer.look()
         if self.kernel is not None:
-            t.signals = list(parse_lines(self.kernel.read()))
+            t.signals = resolve(parse_lines(self.kernel.read()), self.cfg.sysfs_root)
         if slept is not None:
             self.emit({"type": "host.suspending", "context": {"slept_s": round(slept, 1)}})
         events, inv_changed = self.watcher.step(t)
@@ -193,7 +233,14 @@ class Agent:
     def run(self) -> None:
         first = self.observer.look()
         self.watcher.start(first.devices, first.usage)
-        self.emit({"type": "agent.started", "context": {"host_boot": host_boot_ts(), "version": __version__}})
+        self.emit({"type": "agent.started", "context": {"host_boot": host_boot_ts(), "version": __version__,
+                                                        "prev_boot": self.prev_boot}})
+        self._forget_stale_tokens()
+        try:
+            ensure_dir(self.cfg.state_dir)
+        except OSError as exc:
+            log.warning("cannot create the handling reports directory: %s", exc)
+        self.take_reports()  # reports queued while no agent ran go right after agent.started
         if self.cfg.usb_backend == "libusb":
             from agent.probe.udev import start_usb_monitor
 
@@ -234,6 +281,7 @@ class Agent:
                         self.outbox.depth)
         self.session.stop()
         self.outbox.close()
+        self.lock.release()
 
 
 def snapshot(cfg: AgentConfig) -> dict[str, Any]:
