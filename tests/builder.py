@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 T0 = datetime(2026, 11, 30, 1, 0, tzinfo=UTC)
@@ -28,23 +31,27 @@ SPK = device("0b0e:2456:SPK1", "speakerphone", "2-2")
 class Agent:
     """One agent boot: appends capture lines with strictly increasing seq."""
 
-    def __init__(self, name: str = "room-1", boot: str = "boot0001aaaa", lines: list[str] | None = None) -> None:
-        self.name, self.boot, self.seq = name, boot, 0
+    def __init__(self, name: str = "room-1", boot: str = "boot0001aaaa", lines: list[str] | None = None,
+                 prev_boot: str | None = None, base: datetime = T0) -> None:
+        self.name, self.boot, self.seq, self.prev_boot, self.base = name, boot, 0, prev_boot, base
         self.lines: list[str] = [] if lines is None else lines
 
-    def restart(self, boot: str) -> Agent:
-        return Agent(self.name, boot, self.lines)
+    def restart(self, boot: str, base: datetime | None = None) -> Agent:
+        """The next boot of this agent (its agent.started names this one as prev_boot)."""
+        return Agent(self.name, boot, self.lines, prev_boot=self.boot, base=base or self.base)
 
     def _msg(self, channel: str, kind: str, at: float, seq: int | None = None, **body: Any) -> dict[str, Any]:
         if seq is None:
             self.seq += 1
             seq = self.seq
-        p = {"v": 1, "agent": self.name, "boot": self.boot, "seq": seq, "ts": ts(at), "kind": kind, **body}
+        p = {"v": 1, "agent": self.name, "boot": self.boot, "seq": seq, "ts": ts(at, self.base), "kind": kind,
+             **body}
         self.lines.append(json.dumps({"topic": f"pantau/v1/agents/{self.name}/{channel}", "payload": p}))
         return p
 
     def started(self, at: float = 0, devices: list[dict[str, Any]] | None = None) -> Agent:
-        self._msg("events", "event", at, type="agent.started", context={"host_boot": ts(at - 3)})
+        self._msg("events", "event", at, type="agent.started",
+                  context={"host_boot": ts(at - 3, self.base), "prev_boot": self.prev_boot})
         self._msg("state", "state", at, state="online", version="1.0.0", platform="linux", hostname=self.name,
                   labels={"unit": "setjen", "room": "r1"}, interval_s=30)
         self.inventory(at, devices if devices is not None else [CAM, SPK])
@@ -79,5 +86,75 @@ class Agent:
                   devices=[{"key": k, "present": True, "in_use": False, "speed": "high", "errors_total": 0,
                             "resets_total": 0} for k in present])
 
+    def will(self) -> dict[str, Any]:
+        """The broker's copy of this boot's will: no ts, no seq."""
+        p = {"v": 1, "agent": self.name, "boot": self.boot, "kind": "state", "state": "offline", "reason": "lost"}
+        self.lines.append(json.dumps({"topic": f"pantau/v1/agents/{self.name}/state", "payload": p}))
+        return p
+
+    def dashboard_report(self, at: float, dev: dict[str, Any], boot: str = "dashboard-0123456789ab") -> dict[str, Any]:
+        """A handling report made at the dashboard: its own boot, seq 1, dated on this agent's clock."""
+        p = {"v": 1, "agent": self.name, "boot": boot, "seq": 1, "ts": ts(at, self.base), "kind": "event",
+             "type": "handling.reported", "device": dev,
+             "context": {"note": "jatuh", "reported_by": "budi", "via": "dashboard"}}
+        self.lines.append(json.dumps({"topic": f"pantau/v1/agents/{self.name}/events", "payload": p}))
+        return p
+
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
+
+
+# ---------------------------------------------------------------- running a capture both ways
+
+
+def replay(text: str) -> list[dict[str, Any]]:
+    """Incidents of a capture through ``pantau-collector replay``'s path."""
+    from collector.replay import replay_stream
+
+    return [inc.to_json() for inc in replay_stream(io.StringIO(text)).incidents]
+
+
+def live(text: str, db: Path, tick: bool = True, restart: bool = False) -> list[dict[str, Any]]:
+    """Incidents of a capture through the live ingest path into a real SQLite file (optionally after a
+    maintenance pass and a restart of the collector on that file)."""
+    from collector.capture import parse_line
+    from collector.ingest import Collector, Inbound
+    from collector.store.sqlite import SqliteStore
+
+    store = SqliteStore(str(db))
+    c = Collector(store)
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            rec = parse_line(line, n)
+        except ValueError:
+            continue
+        if rec is None:
+            continue
+        payload = rec.payload if isinstance(rec.payload, bytes) else json.dumps(rec.payload).encode()
+        c.ingest([Inbound(rec.topic, payload, time.time(), rec.received_at)])
+    if tick:
+        c.tick()
+    if restart:
+        store.close()
+        store = SqliteStore(str(db))
+        Collector(store).tick()
+    rows = store.query("SELECT * FROM incidents WHERE status != 'withdrawn' ORDER BY opened_at, agent")
+    store.close()
+    return rows
+
+
+FIELDS = ("id", "kind", "device", "rule", "cause", "responsible", "opened_at", "resolved_at")
+
+
+def incidents(text: str, tmp_path: Path) -> list[dict[str, Any]]:
+    """Replay and live agree on every incident's identity, rule and times (and its evidence)."""
+    rp = replay(text)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    lv = live(text, tmp_path / "live.sqlite")
+    assert sorted(tuple(i[f] for f in FIELDS) for i in rp) == sorted(tuple(r[f] for f in FIELDS) for r in lv)
+    assert sorted(json.dumps(i["evidence"]) for i in rp) == sorted(json.dumps(json.loads(r["evidence"])) for r in lv)
+    return rp
+
+
+def brief(incs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    return [(i["device"], i["kind"], i["rule"]) for i in incs]

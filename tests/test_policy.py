@@ -18,43 +18,7 @@ from collector.capture import parse_line
 from collector.ingest import Collector, Inbound
 from collector.replay import replay_stream
 from collector.store.sqlite import SqliteStore
-from tests.builder import CAM, SPK, Agent, device, ts
-
-
-def replay(text: str) -> list[dict]:
-    res = replay_stream(io.StringIO(text))
-    return [inc.to_json() for inc in res.incidents]
-
-
-def live(text: str, db: Path) -> list[dict]:
-    store = SqliteStore(str(db))
-    c = Collector(store)
-    for n, line in enumerate(text.splitlines(), 1):
-        try:
-            rec = parse_line(line, n)
-        except ValueError:
-            continue
-        if rec is None:
-            continue
-        payload = rec.payload if isinstance(rec.payload, bytes) else json.dumps(rec.payload).encode()
-        c.ingest([Inbound(rec.topic, payload, time.time(), rec.received_at)])
-    c.tick()
-    rows = store.query("SELECT * FROM incidents WHERE status != 'withdrawn' ORDER BY opened_at, agent")
-    store.close()
-    return rows
-
-
-def incidents(text: str, tmp_path: Path) -> list[dict]:
-    """Replay and live agree on every incident's identity, rule and times."""
-    rp = replay(text)
-    lv = live(text, tmp_path / "live.sqlite")
-    fields = ("id", "kind", "device", "rule", "cause", "responsible", "opened_at", "resolved_at")
-    assert sorted(tuple(i[f] for f in fields) for i in rp) == sorted(tuple(r[f] for f in fields) for r in lv)
-    return rp
-
-
-def brief(incs: list[dict]) -> list[tuple[str, str, str]]:
-    return [(i["device"], i["kind"], i["rule"]) for i in incs]
+from tests.builder import CAM, SPK, Agent, brief, device, incidents, replay, ts
 
 
 def test_d2_device_errors_are_a_device_fault(tmp_path: Path) -> None:

@@ -1,0 +1,253 @@
+"""Policy 1.1, clause by clause: per-agent clocks, unwatched absences, windows carried across a stop,
+boots chained by prev_boot, wills, dashboard reports, U1 cycles and host-wide trouble.
+
+Every scenario runs through ``replay`` and through the live ingest path (a real SQLite file), and
+the two must agree (``tests.builder.incidents``). Expected outcomes are written from PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+from tests.builder import CAM, SPK, T0, Agent, brief, incidents, live, replay, ts
+
+DAY = 24 * 60.0
+
+
+def test_pulled_in_a_meeting_then_a_clean_shutdown_gone_next_morning_is_m1(tmp_path: Path) -> None:
+    a = Agent().started()
+    a.detach(16 * 60, CAM, in_use=True)  # 17:00 local, mid-meeting
+    a.event("agent.stopping", 16 * 60 + 2)  # the PC is shut down two minutes later
+    b = a.restart("bootmorning01").started(at=DAY - 60, devices=[SPK])  # next morning, no camera
+    b.telemetry(DAY - 50, [SPK["key"]])
+    assert incidents(a.text(), tmp_path / "early") == []  # 10 min after that start have not passed
+    b.telemetry(DAY - 49, [SPK["key"]])
+    [inc] = incidents(a.text(), tmp_path)
+    assert (inc["kind"], inc["rule"], inc["cause"], inc["responsible"]) == (
+        "device_missing", "M1", "handling_damage", "unit")
+    assert inc["opened_at"] == ts(16 * 60)  # the detach keeps its own ts and context
+    assert [(e["boot"], e["type"]) for e in inc["evidence"]] == [
+        (a.boot, "device.detached"), ("bootmorning01", "agent.started")]
+
+
+def test_a_kit_gone_over_a_weekend_is_two_m2_not_a_host_issue(tmp_path: Path) -> None:
+    a = Agent().started()
+    a.event("agent.stopping", 8 * 60)  # Friday evening, clean
+    b = a.restart("bootmonday001").started(at=3 * DAY, devices=[])  # Monday: nothing attached
+    b.telemetry(3 * DAY + 11, [])
+    b.event("device.usage", 3 * DAY + 12, {"key": "x:y:z", "vid": "0000", "pid": "0000"},
+            context={"in_use": False, "users": [], "meeting": False})
+    incs = incidents(a.text(), tmp_path)
+    assert sorted(brief(incs)) == sorted([(CAM["key"], "device_missing", "M2"), (SPK["key"], "device_missing", "M2")])
+    for inc in incs:
+        assert inc["responsible"] == "undetermined" and inc["opened_at"] == ts(3 * DAY)
+        assert [(e["boot"], e["type"]) for e in inc["evidence"]] == [("bootmonday001", "agent.started")]
+
+
+def _sleep(a: Agent, at: float) -> None:
+    a.event("host.suspending", at)
+
+
+def test_one_device_gone_during_sleep_and_not_back_is_m2(tmp_path: Path) -> None:
+    a = Agent().started()
+    _sleep(a, 60)
+    a.detach(61, CAM)
+    a.event("host.resumed", 120)
+    a.telemetry(131, [SPK["key"]])
+    [inc] = incidents(a.text(), tmp_path)
+    assert (inc["device"], inc["kind"], inc["rule"]) == (CAM["key"], "device_missing", "M2")
+    assert inc["opened_at"] == ts(61)  # its detach's own ts
+    assert [e["type"] for e in inc["evidence"]] == ["device.detached", "host.resumed"]
+
+
+def test_a_device_back_six_minutes_after_waking_is_quiet(tmp_path: Path) -> None:
+    a = Agent().started()
+    _sleep(a, 60)
+    a.detach(61, CAM)
+    a.event("host.resumed", 120)
+    a.attach(126, CAM)
+    a.telemetry(200, [SPK["key"], CAM["key"]])
+    assert incidents(a.text(), tmp_path) == []
+
+
+def test_a_kit_gone_during_sleep_is_two_m2(tmp_path: Path) -> None:
+    a = Agent().started()
+    _sleep(a, 60)
+    a.detach(61, CAM)
+    a.detach(61, SPK)
+    a.event("host.resumed", 120)
+    a.telemetry(131, [])
+    a.event("device.usage", 131, {"key": "x:y:z"}, context={"in_use": False, "users": [], "meeting": False})
+    assert sorted(brief(incidents(a.text(), tmp_path))) == sorted(
+        [(CAM["key"], "device_missing", "M2"), (SPK["key"], "device_missing", "M2")])
+
+
+def test_a_sleep_detach_pending_when_the_boot_ends_is_judged_from_the_next_start(tmp_path: Path) -> None:
+    a = Agent().started()
+    _sleep(a, 60)
+    a.detach(61, CAM, in_use=True)
+    a.will()  # the PC never woke: its connection dropped
+    b = a.restart("bootnext00001").started(at=300, devices=[SPK])
+    b.telemetry(309, [SPK["key"]])
+    assert incidents(a.text(), tmp_path / "a") == []
+    b.telemetry(311, [SPK["key"]])
+    [inc] = incidents(a.text(), tmp_path / "b")
+    assert (inc["rule"], inc["opened_at"]) == ("M1", ts(61))  # with the detach's own in_use; never host-wide
+    assert [e["type"] for e in inc["evidence"]] == ["device.detached", "agent.started"]
+
+
+def test_another_agents_clock_five_years_ahead_changes_nothing(tmp_path: Path) -> None:
+    lines: list[str] = []
+    a = Agent("room-a", "bootroomA001", lines).started()
+    a.detach(30, CAM)
+    r = Agent("room-r", "bootroomR001", lines, base=T0 + timedelta(days=5 * 365)).started()
+    r.telemetry(1, [])
+    a.attach(34, CAM)  # an idle camera put back after 4 minutes
+    a.detach(40, SPK, in_use=True)
+    a.attach(41, SPK)
+    a.telemetry(45, [CAM["key"], SPK["key"]])
+    r.telemetry(2, [])
+    a.error(50, SPK, "audio.stream_error")
+    assert brief(incidents("\n".join(lines) + "\n", tmp_path)) == [(SPK["key"], "device_error", "D1")]
+    # and the live path does not forget room-a's mark after a maintenance pass and a restart
+    rows = live("\n".join(lines) + "\n", tmp_path / "restart.sqlite", restart=True)
+    assert [(r["device"], r["rule"]) for r in rows] == [(SPK["key"], "D1")]
+
+
+def test_an_agent_three_days_behind_is_judged_on_its_own_clock(tmp_path: Path) -> None:
+    lines: list[str] = []
+    now = Agent("room-now", "bootroomN001", lines).started()
+    late = Agent("room-late", "bootroomL001", lines, base=T0 - timedelta(days=3)).started()
+    late.detach(30, CAM)
+    late.attach(34, CAM)  # quick idle replug on its own clock: quiet
+    now.telemetry(3 * DAY, [CAM["key"], SPK["key"]])  # the other agent is three days later
+    late.detach(40, SPK, in_use=True)  # a handling mark...
+    late.attach(41, SPK)
+    now.telemetry(3 * DAY + 60, [CAM["key"], SPK["key"]])
+    late.error(60, SPK, "audio.stream_error")  # ...relied on 20 min later
+    late.detach(70, CAM)  # gone, idle: M2 only once room-late's own clock passes 80
+    late.telemetry(79, [SPK["key"]])
+    text = "\n".join(lines) + "\n"
+    assert brief(incidents(text, tmp_path / "a")) == [(SPK["key"], "device_error", "D1")]
+    late.telemetry(81, [SPK["key"]])
+    text = "\n".join(lines) + "\n"
+    assert sorted(brief(incidents(text, tmp_path / "b"))) == sorted(
+        [(SPK["key"], "device_error", "D1"), (CAM["key"], "device_missing", "M2")])
+    rows = live(text, tmp_path / "restart.sqlite", restart=True)
+    assert sorted((r["device"], r["rule"]) for r in rows) == sorted([(SPK["key"], "D1"), (CAM["key"], "M2")])
+
+
+def test_boots_follow_the_prev_boot_chain_when_the_clock_resets_at_every_start(tmp_path: Path) -> None:
+    a = Agent(boot="bootfirst0001").started()  # clock correct
+    a.event("agent.stopping", 60)
+    # a dead CMOS battery: the next boot's clock starts two days earlier than the first one's
+    b = a.restart("bootsecond001", base=T0 - timedelta(days=2)).started(at=0, devices=[SPK])
+    b.telemetry(11, [SPK["key"]])
+    [inc] = incidents(a.text(), tmp_path)
+    assert (inc["device"], inc["rule"]) == (CAM["key"], "M2")  # absent after the (later) restart
+    assert inc["evidence"][0]["boot"] == "bootsecond001"
+
+
+def test_a_will_is_the_last_word_of_its_boot_and_applied_once(tmp_path: Path) -> None:
+    a = Agent().started()
+    a.detach(30, CAM)
+    a.telemetry(35, [SPK["key"]])
+    a.will()
+    a.will()  # the broker delivers it again
+    b = a.restart("bootafter0001").started(at=38, devices=[SPK, CAM])  # back in the first inventory
+    b.telemetry(60, [SPK["key"], CAM["key"]])
+    assert incidents(a.text(), tmp_path) == []
+    lv = tmp_path / "will.sqlite"
+    live(a.text(), lv)
+    import sqlite3
+
+    with sqlite3.connect(lv) as db:
+        wills = db.execute("SELECT ts FROM evidence WHERE seq = -1").fetchall()
+    assert wills == [(ts(35),)]  # once, stamped at its agent's clock as it stood
+
+
+def test_a_dashboard_report_stands_at_its_time_and_ends_no_boot(tmp_path: Path) -> None:
+    a = Agent().started()
+    a.detach(30, CAM)  # pending: must not be carried or dropped by the report
+    a.dashboard_report(31, SPK)  # made at the dashboard, on this agent's clock
+    a.attach(33, CAM)
+    a.error(40, SPK, "audio.stream_error")
+    [inc] = incidents(a.text(), tmp_path)
+    assert (inc["device"], inc["rule"]) == (SPK["key"], "D1")
+    assert [(e["boot"], e["type"]) for e in inc["evidence"]] == [
+        ("dashboard-0123456789ab", "handling.reported"), (a.boot, "device.error")]
+
+
+def test_a_dashboard_report_dated_after_the_error_is_not_its_mark(tmp_path: Path) -> None:
+    a = Agent().started()
+    a.error(40, SPK, "audio.stream_error")
+    a.dashboard_report(41, SPK)
+    [inc] = incidents(a.text(), tmp_path)
+    assert inc["rule"] == "D2"
+
+
+def test_info_codes_are_no_error_for_a_quick_idle_replug_or_u1(tmp_path: Path) -> None:
+    a = Agent().started()
+    for n in range(3):
+        a.detach(30 + 2 * n, CAM)
+        a.error(30 + 2 * n + 0.2, CAM, "usb.reset")
+        a.attach(30 + 2 * n + 0.5, CAM)
+    a.telemetry(50, [CAM["key"], SPK["key"]])
+    [inc] = incidents(a.text(), tmp_path)
+    assert (inc["kind"], inc["rule"], inc["opened_at"]) == ("device_unstable", "U1", ts(30))
+    assert inc["resolved_at"] == ts(44)  # the last detach + 10 min
+    assert [e["type"] for e in inc["evidence"]] == ["device.detached"] * 3
+
+
+def test_a_detach_during_sleep_is_not_a_u1_cycle(tmp_path: Path) -> None:
+    a = Agent().started()
+    a.detach(30, CAM)
+    a.attach(30.5, CAM)
+    _sleep(a, 31)
+    a.detach(31.2, CAM)
+    a.event("host.resumed", 32)
+    a.attach(32.5, CAM)
+    a.detach(33, CAM)
+    a.attach(33.5, CAM)
+    a.telemetry(60, [CAM["key"], SPK["key"]])
+    assert incidents(a.text(), tmp_path) == []
+
+
+def test_trouble_that_opened_nothing_does_not_make_another_incident_host_wide(tmp_path: Path) -> None:
+    a = Agent().started()
+    a.detach(30, CAM, in_use=True)  # back within 10 min: opens nothing
+    a.attach(33, CAM)
+    a.error(30.5, SPK, "audio.stream_error")  # within 60 s of that detach
+    [inc] = incidents(a.text(), tmp_path)
+    assert (inc["device"], inc["rule"]) == (SPK["key"], "D2")
+
+
+def test_a_missing_device_back_within_ten_minutes_does_not_reopen_the_resolved_incident(tmp_path: Path) -> None:
+    a = Agent().started()
+    a.detach(30, CAM)
+    a.attach(60, CAM)  # missing 30 min: M2, resolved
+    a.detach(120, CAM)
+    a.attach(125, CAM)  # gone 5 min: would open nothing on its own
+    a.telemetry(200, [CAM["key"], SPK["key"]])
+    [inc] = incidents(a.text(), tmp_path)
+    assert (inc["rule"], inc["resolved_at"]) == ("M2", ts(60))
+    assert [e["seq"] for e in inc["evidence"]] == [4, 5]
+
+
+def test_m1_or_m2_on_a_reopened_incident_follows_its_latest_detach(tmp_path: Path) -> None:
+    a = Agent().started()
+    a.detach(30, CAM)
+    a.attach(60, CAM)
+    a.detach(120, CAM, in_use=True)
+    a.telemetry(200, [SPK["key"]])
+    [inc] = incidents(a.text(), tmp_path)
+    assert (inc["rule"], inc["resolved_at"]) == ("M1", None)
+
+
+def test_replay_prints_the_policy_version(tmp_path: Path) -> None:
+    a = Agent().started()
+    a.error(30, CAM, "video.stream_error")
+    [inc] = replay(a.text())
+    assert inc["policy"] == "1.1" and json.dumps(inc)
