@@ -152,8 +152,12 @@ class HandlingBody(Body):
              summary="Record a handling report against a device (a PIC: in their unit only)")
 def handling(body: HandlingBody, request: Request, ident: Handling) -> dict[str, Any]:
     st = state_of(request)
-    if ident.user.scoped and not sees_unit(ident.user, registry.lookup(st.reader, body.device, body.agent)["unit"]):
-        raise HTTPException(404, f"no device {body.device} at {body.agent}")
+    if ident.user.scoped:  # both the room PC and the device must be the PIC's unit's
+        rows = st.reader.query("SELECT * FROM agents WHERE agent = ?", (body.agent,))
+        room_unit = agent_view(st.reader, rows[0])["unit"] if rows else None
+        device_unit = registry.lookup(st.reader, body.device, body.agent)["unit"]
+        if not (sees_unit(ident.user, room_unit) and sees_unit(ident.user, device_unit)):
+            raise HTTPException(404, f"no device {body.device} at {body.agent}")
     try:
         out: dict[str, Any] = st.collector.report_handling(body.agent, body.device, body.note, ident.user.name)
     except ValueError as exc:

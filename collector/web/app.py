@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+import http
 import logging
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -91,18 +93,15 @@ def create_app(collector: Any, settings: WebSettings | None = None,
     app.include_router(auth.router)
     app.include_router(api.router)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        return SafeJSONResponse({"error": str(exc.detail)}, status_code=exc.status_code,
-                                headers=getattr(exc, "headers", None))
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        detail = str(exc.detail) if exc.detail != http.HTTPStatus(exc.status_code).phrase else ""
+        return SafeJSONResponse({"error": detail or http.HTTPStatus(exc.status_code).phrase.lower()},
+                                status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
         return SafeJSONResponse({"error": _one_line(exc)}, status_code=400)
-
-    @app.exception_handler(404)
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return SafeJSONResponse({"error": "not found"}, status_code=404)
 
     @app.exception_handler(Exception)
     async def failed(request: Request, exc: Exception) -> Response:

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ PUBLIC_PATHS = frozenset({"/healthz", "/login", "/login.js", "/style.css", "/fav
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_BODY = 64 * 1024
 _CSRF_SECRET = secrets.token_bytes(32)  # for proxy-header identities (no session row to keep a token in)
+_HASHING = threading.BoundedSemaphore(2)  # argon2 takes 64 MiB a check: a flood of sign-ins cannot take more
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,8 @@ def login(body: LoginBody, request: Request) -> SafeJSONResponse:
     if body.once:
         user = users.use_once(st.store, body.once)
     else:
-        user = users.check_password(st.store, name, body.password or "")
+        with _HASHING:
+            user = users.check_password(st.store, name, body.password or "")
     if user is None:
         users.record_failure(st.store, name, caller.remote)
         log.warning("failed sign-in for %r from %s", name[:64], caller.remote)
