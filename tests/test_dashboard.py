@@ -1,109 +1,248 @@
-"""The dashboard in a real browser (Debian's Chromium driven by Playwright): fleet and incident
-tables, the Indonesian/English switch, the per-unit view, and an override from the dialog."""
+"""The dashboard in a real browser (Debian's Chromium driven by Playwright), signed in as each role:
+what each sees and may do; USB-supplied strings shown as text, never run; a PC with a wrong clock
+flagged; the Indonesian/English switch; and a hostile page on another origin that gets nothing done."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from collector.ingest import Collector, Inbound
-from collector.registry import load_toml
-from collector.store.sqlite import SqliteStore
 from collector.web.server import WebServer
-from tests.builder import CAM, SPK, Agent
-from tests.test_incidents import REGISTRY
+from tests.builder import CAM, SPK, Agent, device
+from tests.web_helpers import PASSWORD, SPK_B, add_user, build_site
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+XSS = {"product": "<img src=x onerror=window.__xss=1>", "vendor": "<script>window.__xss=2</script>",
+       "serial": "\"><img src=x onerror=window.__xss=3>"}
+EVIL = device(f"1234:5678:{XSS['serial']}", "camera", "1-4", product=XSS["product"], vendor=XSS["vendor"],
+              serial=XSS["serial"])
+
+
+class Site:
+    def __init__(self, tmp: Path) -> None:
+        self.collector: Collector = build_site(str(tmp / "c.sqlite"), str(tmp / "r.toml"))
+        store = self.store = self.collector.store
+        lines: list[str] = []
+        x = Agent("ruang-xss", "bootxxxx0001", lines).started(devices=[EVIL])  # labels: setjen
+        x.error(31, EVIL, "video.stream_error")
+        for line in lines:
+            rec = json.loads(line)
+            self.collector.ingest([Inbound(rec["topic"], json.dumps(rec["payload"]).encode(), time.time())])
+        self.collector.tick()
+        store.db.execute("UPDATE agents SET clock = '2026-11-30T01:05:00.000Z', clock_offset_s = -300 "
+                         "WHERE agent = 'room-1'")
+        store.db.execute("UPDATE agents SET clock_offset_s = 2.5 WHERE agent = 'aula-bpsdm'")
+        for name, role, unit in (("root", "admin", None), ("ani", "operator", None), ("citra", "pic", "bpsdm"),
+                                 ("dewi", "viewer", None)):
+            add_user(store, name, role, unit)
+        self.web = WebServer(self.collector, "127.0.0.1", 0)
+        self.web.start()
+        self.url = self.web.address
+        self.ids = {r["device"]: r["id"] for r in store.query("SELECT id, device FROM incidents")}
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[tuple[str, Collector]]:
-    store = SqliteStore(str(tmp_path / "c.sqlite"))
-    reg = tmp_path / "r.toml"
-    reg.write_text(REGISTRY + '\n[[units]]\nid = "bpsdm"\nname = "BPSDM"\n')
-    load_toml(store, str(reg))
-    c = Collector(store)
-    lines: list[str] = []
-    a = Agent("room-1", "bootaaaa0001", lines).started()
-    b = Agent("aula-bpsdm", "bootbbbb0001", lines)
-    b.started()
-    a.error(30, CAM, "video.stream_error")
-    b.detach(30, SPK, in_use=True)
-    b.telemetry(45, [])
-    for line in lines:
-        rec = json.loads(line)
-        c.ingest([Inbound(rec["topic"], json.dumps(rec["payload"]).encode(), time.time())])
-    c.tick()
-    store.db.execute("UPDATE agents SET labels = '{\"unit\": \"bpsdm\"}' WHERE agent = 'aula-bpsdm'")
-    web = WebServer(c, "127.0.0.1", 0)
-    web.start()
-    yield web.address, c
-    web.stop()
-    store.close()
+def site(tmp_path: Path) -> Iterator[Site]:
+    s = Site(tmp_path)
+    yield s
+    s.web.stop()
+    s.store.close()
 
 
-def test_dashboard_in_chromium(site: tuple[str, Collector], tmp_path: Path) -> None:
+@pytest.fixture
+def browser() -> Iterator[Any]:
     if shutil.which("chromium") is None:
         pytest.fail("chromium is not installed: run `make test`, which installs it")
     from playwright.sync_api import sync_playwright
 
-    url, collector = site
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.goto(url)
-        page.wait_for_selector("#incidents tbody tr[data-id]")
-        rows = page.locator("#incidents tbody tr[data-id]")
-        assert rows.count() == 2
-        text = page.locator("#incidents").inner_text()
-        assert "kerusakan perangkat" in text and "kerusakan penanganan" in text  # Indonesian by default
-        assert "Sekretariat Jenderal" in text and "Budi" in text
-        assert "room-1" in page.locator("#agents").inner_text()
-        page.screenshot(path=str(tmp_path / "dashboard-id.png"), full_page=True)
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield b
+        b.close()
 
-        page.click("#lang")
-        page.wait_for_function("document.querySelector('#incidents').innerText.includes('device fault')")
-        assert "handling damage" in page.locator("#incidents").inner_text()
 
-        page.select_option("#unit", "bpsdm")  # a PIC's view: only their unit
-        page.wait_for_function("document.querySelectorAll('#incidents tbody tr[data-id]').length === 1")
-        assert "aula-bpsdm" in page.locator("#incidents").inner_text()
-        page.select_option("#unit", "")
-        page.wait_for_function("document.querySelectorAll('#incidents tbody tr[data-id]').length === 2")
+def sign_in(browser: Any, site: Site, name: str) -> Any:
+    page = browser.new_context().new_page()
+    page.goto(site.url)
+    page.wait_for_url("**/login")
+    page.fill("#username", name)
+    page.fill("#password", PASSWORD)
+    page.click("#login button[type=submit]")
+    page.wait_for_selector("body[data-ready='1']")
+    return page
 
-        cam_row = page.locator("#incidents tbody tr", has_text=CAM["key"])
-        cam_row.locator("button.open-detail").click()
-        page.wait_for_selector("#detail[open]")
-        assert "device.error" in page.locator("#d-evidence").inner_text()
-        assert "central IT's responsibility" in page.locator("#d-summary").inner_text()  # English now
-        page.select_option("#d-cause", "handling_damage")
-        page.fill("#d-reason", "kabel putus karena tertarik kursi")
-        page.fill("#d-by", "ani (Pusdatin)")
-        page.click("#d-save")
-        page.wait_for_function("document.querySelector('#d-msg').innerText === 'Saved'")
-        page.wait_for_function("document.querySelector('#d-history').innerText.includes('overridden')")
-        page.screenshot(path=str(tmp_path / "dashboard-override.png"), full_page=True)
-        page.click("#detail button[value=close]")
 
-        answers = iter(["speaker ditarik saat rapat", "budi"])
-        page.on("dialog", lambda d: d.accept(next(answers, None)) if d.type == "prompt" else d.accept())
-        page.locator(f"button.report[data-device='{SPK['key']}'][data-agent='room-1']").click()
-        browser_deadline = time.monotonic() + 10
-        while time.monotonic() < browser_deadline and not collector.store.query(
-                "SELECT 1 FROM evidence WHERE type = 'handling.reported'"):
-            page.wait_for_timeout(100)
-        browser.close()
-    [rep] = collector.store.query("SELECT agent, device, payload FROM evidence WHERE type = 'handling.reported'")
-    assert (rep["agent"], rep["device"]) == ("room-1", SPK["key"])
-    assert json.loads(rep["payload"])["context"]["note"] == "speaker ditarik saat rapat"
-    [row] = collector.store.query("SELECT * FROM incidents WHERE device = ?", (CAM["key"],))
-    assert (row["cause"], row["decided_cause"], row["decided_by"]) == ("device_fault", "handling_damage",
-                                                                      "ani (Pusdatin)")
-    shutil.copy(tmp_path / "dashboard-id.png", "/tmp/pantau-dashboard-id.png")
+def incident_rows(page: Any) -> set[str]:
+    return set(page.eval_on_selector_all("#incidents tbody tr[data-id]", "rs => rs.map(r => r.dataset.id)"))
+
+
+def test_each_role_in_chromium(site: Site, browser: Any, tmp_path: Path) -> None:
+    cam, spk_b, evil = site.ids[CAM["key"]], site.ids[SPK_B["key"]], site.ids[EVIL["key"]]
+    wrong = browser.new_context().new_page()
+    wrong.goto(site.url + "login")
+    wrong.fill("#username", "ani")
+    wrong.fill("#password", "bukan-sandinya")
+    wrong.click("#login button[type=submit]")
+    wrong.wait_for_function("() => document.querySelector('#msg').innerText.includes('wrong')")
+
+    # -- viewer: reads everything, changes nothing; USB strings are text; the wrong clock is flagged
+    page = sign_in(browser, site, "dewi")
+    assert incident_rows(page) == {cam, spk_b, evil}
+    agents = page.locator("#agents").inner_text()
+    assert XSS["product"] in agents and XSS["vendor"] in agents
+    assert XSS["serial"] in page.locator("#incidents").inner_text()
+    assert page.evaluate("window.__xss") is None  # the CSP would stop inline handlers too: so also
+    assert page.locator("#agents img, #incidents img, main script").count() == 0  # no element was made
+    assert page.locator("#agents tr[data-agent='room-1'] .clock-off").count() == 1
+    assert page.locator("#agents tr[data-agent='aula-bpsdm'] .clock-off").count() == 0
+    assert page.locator("button.report").count() == 0
+    page.locator(f"#incidents tr[data-id='{evil}'] button.open-detail").click()
+    page.wait_for_selector("#detail[open]")
+    assert XSS["serial"] in page.locator("#d-title").inner_text() and page.evaluate("window.__xss") is None
+    assert not page.locator("#d-override").is_visible() and not page.locator("#d-ack").is_visible()
+    assert not page.locator("#d-comment-box").is_visible()
+    forged = page.evaluate("""async (id) => {
+        const me = await (await fetch('/api/me')).json();
+        const r = await fetch('/api/incidents/' + id + '/override', {method: 'POST',
+            body: JSON.stringify({cause: 'host_issue', reason: 'x'}),
+            headers: {'Content-Type': 'application/json', 'X-CSRF-Token': me.csrf}});
+        return r.status; }""", cam)
+    assert forged == 403
+    page.screenshot(path=str(tmp_path / "dashboard-viewer.png"), full_page=True)
+    page.context.close()
+
+    # -- PIC of BPSDM: only their unit, whatever they ask; may comment and report handling, not override
+    page = sign_in(browser, site, "citra")
+    assert incident_rows(page) == {spk_b}
+    assert [r for r in page.eval_on_selector_all("#agents tbody tr", "rs => rs.map(r => r.dataset.agent)")] == [
+        "aula-bpsdm"]
+    assert not page.locator("#unit-box").is_visible()
+    got = page.evaluate("async (id) => (await fetch('/api/incidents/' + id)).status", cam)
+    assert got == 404
+    page.locator(f"#incidents tr[data-id='{spk_b}'] button.open-detail").click()
+    page.wait_for_selector("#detail[open]")
+    assert not page.locator("#d-override").is_visible() and page.locator("#d-comment-box").is_visible()
+    page.fill("#d-comment", "speaker ditarik saat rapat, akan diganti")
+    page.click("#d-comment-save")
+    page.wait_for_function("() => document.querySelector('#d-history').innerText.includes('citra: commented')")
+    page.click("#detail button[value=close]")
+    page.locator(f"button.report[data-device='{SPK_B['key']}']").click()
+    page.fill("#r-note", "jatuh dari meja")
+    page.click("#r-save")
+    page.wait_for_function("() => document.querySelector('#r-msg').innerText.length > 0")
+    assert page.locator("#r-msg").inner_text() == "Laporan tercatat"
+    page.context.close()
+
+    # -- operator: the language switch, the unit filter, override and acknowledge
+    page = sign_in(browser, site, "ani")
+    text = page.locator("#incidents").inner_text()
+    assert "kerusakan perangkat" in text and "kerusakan penanganan" in text  # Indonesian by default
+    assert "Sekretariat Jenderal" in text and "Budi" in text
+    page.click("#lang")
+    page.wait_for_function("() => document.querySelector('#incidents').innerText.includes('device fault')")
+    page.select_option("#unit", "bpsdm")
+    page.wait_for_function("() => document.querySelectorAll('#incidents tbody tr[data-id]').length === 1")
+    page.select_option("#unit", "")
+    page.wait_for_function("() => document.querySelectorAll('#incidents tbody tr[data-id]').length === 3")
+    page.locator(f"#incidents tr[data-id='{cam}'] button.open-detail").click()
+    page.wait_for_selector("#detail[open]")
+    assert "device.error" in page.locator("#d-evidence").inner_text()
+    assert "central IT's responsibility" in page.locator("#d-summary").inner_text()
+    assert "policy" in page.locator("#d-rule").inner_text()
+    page.select_option("#d-cause", "handling_damage")
+    page.fill("#d-reason", "kabel putus karena tertarik kursi")
+    page.click("#d-save")
+    page.wait_for_function("() => document.querySelector('#d-history').innerText.includes('ani: overridden')")
+    page.click("#d-ack")
+    page.wait_for_function("() => document.querySelector('#d-history').innerText.includes('ani: acknowledged')")
+    assert not page.locator("#d-ack").is_visible()
+    page.screenshot(path=str(tmp_path / "dashboard-override.png"), full_page=True)
+    page.click("#detail button[value=close]")
+    page.locator(f"button.report[data-device='{SPK['key']}'][data-agent='room-1']").click()
+    page.fill("#r-note", "speaker ditarik saat rapat")
+    page.click("#r-save")
+    page.wait_for_function("() => document.querySelector('#r-msg').innerText === 'Report recorded'")
+    page.context.close()
+
+    # -- admin: everything, then sign out
+    page = sign_in(browser, site, "root")
+    assert incident_rows(page) == {cam, spk_b, evil} and page.locator("#who").inner_text().startswith("root")
+    page.click("#logout")
+    page.wait_for_url("**/login")
+    page.goto(site.url)
+    page.wait_for_url("**/login")
+    page.context.close()
+
+    [row] = site.store.query("SELECT * FROM incidents WHERE id = ?", (cam,))
+    assert (row["cause"], row["decided_cause"], row["decided_by"], row["acknowledged_by"]) == (
+        "device_fault", "handling_damage", "ani", "ani")
+    reports = site.store.query("SELECT agent, device, payload FROM evidence WHERE type = 'handling.reported' "
+                               "ORDER BY id")
+    assert [(r["agent"], r["device"], json.loads(r["payload"])["context"]["reported_by"]) for r in reports] == [
+        ("aula-bpsdm", SPK_B["key"], "citra"), ("room-1", SPK["key"], "ani")]
     shutil.copy(tmp_path / "dashboard-override.png", "/tmp/pantau-dashboard-override.png")
+    shutil.copy(tmp_path / "dashboard-viewer.png", "/tmp/pantau-dashboard-viewer.png")
+
+
+class _Evil(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"<!doctype html><title>hadiah</title><p>Selamat!</p>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a: Any) -> None:
+        pass
+
+
+def test_a_page_on_another_origin_gets_nothing_done(site: Site, browser: Any) -> None:
+    cam = site.ids[CAM["key"]]
+    before = site.store.query("SELECT count(*) AS n FROM audit")[0]["n"]
+    evil = ThreadingHTTPServer(("127.0.0.1", 0), _Evil)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    try:
+        page = sign_in(browser, site, "root")  # the victim is signed in, in the same browser
+        target = site.url.rstrip("/")
+        page.goto(f"http://localhost:{evil.server_address[1]}/")  # another origin (and another site)
+        statuses = page.evaluate("""async ([target, id]) => {
+            const out = [];
+            for (const [ctype, body] of [['text/plain', '{"cause":"host_issue","reason":"x"}'],
+                                         ['application/x-www-form-urlencoded', 'cause=host_issue&reason=x']]) {
+              try {
+                const r = await fetch(target + '/api/incidents/' + id + '/override', {method: 'POST',
+                    mode: 'no-cors', credentials: 'include', headers: {'Content-Type': ctype}, body});
+                out.push(r.type);
+              } catch (e) { out.push('error'); }
+            }
+            try {
+              await fetch(target + '/api/incidents/' + id + '/ack', {method: 'POST', credentials: 'include',
+                  headers: {'Content-Type': 'application/json'}, body: '{}'});
+              out.push('sent');
+            } catch (e) { out.push('blocked'); }
+            return out; }""", [target, cam])
+        assert statuses[-1] == "blocked"  # the JSON request needs a CORS preflight, which is not granted
+        page.evaluate("""([target, id]) => { const f = document.createElement('form'); f.method = 'POST';
+            f.enctype = 'text/plain'; f.action = target + '/api/incidents/' + id + '/ack';
+            const i = document.createElement('input'); i.name = '{"a":"'; i.value = '"}'; f.appendChild(i);
+            document.body.appendChild(f); f.submit(); }""", [target, cam])
+        page.wait_for_load_state()
+        time.sleep(0.5)
+        page.context.close()
+    finally:
+        evil.shutdown()
+        evil.server_close()
+    [row] = site.store.query("SELECT decided_cause, acknowledged_by FROM incidents WHERE id = ?", (cam,))
+    assert row == {"decided_cause": None, "acknowledged_by": None}
+    assert site.store.query("SELECT count(*) AS n FROM audit")[0]["n"] == before
