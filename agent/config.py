@@ -49,6 +49,15 @@ class AgentConfig:
     inflight_max: int = 1000
     recover_quiet_s: float = 600.0
     reconnect_max_s: float = 60.0
+    # the idle self-test (docs/self-test.md)
+    self_test: bool = True
+    self_test_settle_s: float = 30.0  # after an attach (or the agent's start)
+    self_test_daily_at: str = "03:00"  # local time; "off" for none
+    self_test_min_interval_s: float = 600.0  # never more often than this per device
+    self_test_retry_s: float = 300.0  # after the test let go of a device someone opened
+    self_test_frames: int = 5
+    self_test_first_frame_s: float = 5.0
+    self_test_audio_s: float = 1.0
 
     @property
     def broker_url(self) -> Broker:
@@ -60,13 +69,22 @@ class AgentConfig:
         return dev.get("kind") in self.watch_kinds
 
 
-_FLOATS = {"poll_s", "telemetry_s", "recover_quiet_s", "reconnect_max_s"}
-_INTS = {"spool_max_events", "spool_max_bytes", "spool_memory_max_events", "inflight_max"}
+_FLOATS = {"poll_s", "telemetry_s", "recover_quiet_s", "reconnect_max_s", "self_test_settle_s",
+           "self_test_min_interval_s", "self_test_retry_s", "self_test_first_frame_s", "self_test_audio_s"}
+_INTS = {"spool_max_events", "spool_max_bytes", "spool_memory_max_events", "inflight_max", "self_test_frames"}
+_BOOLS = {"self_test"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _LISTS = {"watch_kinds", "watch_vidpid", "meeting_processes"}
 
 
 def _coerce(name: str, value: Any, from_env: bool) -> Any:
     try:
+        if name in _BOOLS:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+                return value.strip().lower() in _TRUE
+            raise ValueError("must be true or false")
         if name in _FLOATS:
             v = float(value)
             if not v > 0:
@@ -142,6 +160,13 @@ def _validate(cfg: AgentConfig) -> None:
         parts = vp.split(":")
         if len(parts) != 2 or not all(len(p) == 4 and all(c in "0123456789abcdef" for c in p) for p in parts):
             raise ConfigError(f"config: watch_vidpid: {vp!r} must look like 046d:0843 (lower-case hex)")
+    if cfg.self_test_daily_at != "off":
+        hh, _, mm = cfg.self_test_daily_at.partition(":")
+        if not (len(hh) == len(mm) == 2 and hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60):
+            raise ConfigError(f"config: self_test_daily_at: {cfg.self_test_daily_at!r} must be HH:MM (local time) "
+                              f"or off")
+    if cfg.self_test_frames < 2:
+        raise ConfigError(f"config: self_test_frames: {cfg.self_test_frames} must be >= 2 (frozen needs a pair)")
     for name in ("ca_file", "cert_file", "key_file"):
         p = getattr(cfg, name)
         if p and not os.path.isfile(p):

@@ -15,98 +15,50 @@ from agent import __version__
 from agent.config import AgentConfig
 from agent.handoff import Report, ensure_dir, pending_reports, remove
 from agent.host import gauges, host_boot_ts
+from agent.platforms import Platform, choose
 from agent.power import LogindSleepWatcher, SuspendDetector
-from agent.probe.usb import Prober, libusb_backend
 from agent.publish import Session
+from agent.selftest.run import Settings
+from agent.selftest.schedule import SelfTestScheduler
 from agent.signals.kmsg import parse_lines
 from agent.signals.resolve import resolve
 from agent.signals.tail import KernelLogTail
 from agent.spool import Outbox
 from agent.state import AgentLock, record_boot
-from agent.usage import device_nodes, holders, meeting_running
 from agent.watch import Tick, Usage, Watcher
 from common.protocol import encode, envelope, topic_for
 
 log = logging.getLogger(__name__)
 
 
-def make_prober(cfg: AgentConfig) -> Prober:
-    if cfg.usb_backend == "simulated":
-        from agent.probe.simulated import BusFile, SimulatedBackend
-
-        assert cfg.simulated_bus
-        # never fall back to this machine's real sysfs for a simulated device's strings
-        return Prober(SimulatedBackend(BusFile(cfg.simulated_bus)), sysfs_root=os.devnull)
-    return Prober(libusb_backend(), cfg.sysfs_root)
-
-
 class Observer:
-    """One look at the room: devices, who uses them, meeting, self-reported errors."""
+    """One look at the room: devices, who uses them, meeting, self-reported errors. What differs
+    between platforms is the platform's (agent/platforms), chosen once here."""
 
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
-        self.prober = make_prober(cfg)
+        self.platform = choose(cfg)
+        self.prober = self.platform.prober()
         self.nodes: dict[str, list[str]] = {}
-
-    def _sim_entries(self) -> dict[str, dict[str, Any]]:
-        bus = getattr(self.prober.backend, "bus", None)
-        return {d["port"]: d for d in bus.devices} if bus is not None else {}
 
     def look(self) -> Tick:
         devices = [d for d in self.prober.probe() if self.cfg.watches(d)]
-        sim = self._sim_entries()
-        usage: dict[str, Usage] = {}
-        device_errors: dict[str, list[dict[str, Any]]] = {}
-        # keep the previous nodes too: after an unplug the links read "... (deleted)"
-        nodes = {d["key"]: self._nodes_for(d, sim.get(d["port"])) for d in devices}
-        wanted = {n for ns in list(nodes.values()) + list(self.nodes.values()) for n in ns}
-        held = holders(wanted) if wanted else {}
-        for key, ns in {**self.nodes, **nodes}.items():
-            users = sorted({u for n in ns for u in held.get(n, []) + held.get(os.path.realpath(n), [])})
-            usage[key] = Usage(bool(users), users)
-        meeting = False
-        for d in devices:
-            e = sim.get(d["port"])
-            if e is not None:
-                if not e.get("nodes"):
-                    usage[d["key"]] = Usage(bool(e.get("in_use")), list(e.get("users") or []))
-                meeting = meeting or bool(e.get("meeting"))
-                if e.get("errors"):
-                    device_errors[d["key"]] = list(e["errors"])
-        if not sim:
-            meeting = meeting_running(self.cfg.meeting_processes)
-            if os.name == "nt":  # pragma: no cover - Windows only
-                self._windows(devices, usage, device_errors)
-        self.nodes = nodes
-        return Tick(devices=devices, usage=usage, meeting=meeting, probe_failures=dict(self.prober.failures),
-                    device_errors=device_errors, now=time.monotonic())
+        # the previous nodes count too: after an unplug the links read "... (deleted)"
+        seen = self.platform.look(devices, self.nodes)
+        self.nodes = seen.nodes
+        return Tick(devices=devices, usage=seen.usage, meeting=seen.meeting,
+                    probe_failures=dict(self.prober.failures), device_errors=seen.device_errors,
+                    now=time.monotonic())
 
-    def _windows(self, devices: list[dict[str, Any]], usage: dict[str, Usage],
-                 device_errors: dict[str, list[dict[str, Any]]]) -> None:  # pragma: no cover - Windows only
-        """Usage from the ConsentStore, errors from device problem codes."""
-        import psutil
 
-        from agent.signals.pnp import query_windows
-        from agent.usage_windows import query, users_by_kind
-
-        try:
-            names = [p.info["name"] or "" for p in psutil.process_iter(["name"])]
-            by_kind = users_by_kind(query(), names)
-            problems = [d for d in query_windows() if d.error is not None]
-        except Exception as exc:
-            log.warning("reading Windows usage or problem codes failed: %s", exc)
-            return
-        for d in devices:
-            users = by_kind.get(d["kind"], [])
-            usage[d["key"]] = Usage(bool(users), users)
-            for p in problems:
-                if (p.vid, p.pid) == (d["vid"], d["pid"]) and (p.serial in (None, d.get("serial"))):
-                    device_errors.setdefault(d["key"], []).append(dict(p.error or {}))
-
-    def _nodes_for(self, dev: dict[str, Any], sim_entry: dict[str, Any] | None) -> list[str]:
-        if sim_entry is not None:
-            return [str(n) for n in sim_entry.get("nodes") or []]
-        return device_nodes(dev["port"], self.cfg.sysfs_root)
+def make_scheduler(cfg: AgentConfig, platform: Platform, wake: threading.Event) -> SelfTestScheduler | None:
+    if not cfg.self_test:
+        return None
+    return SelfTestScheduler(
+        platform, cfg.self_test_settle_s, cfg.self_test_min_interval_s, cfg.self_test_retry_s,
+        None if cfg.self_test_daily_at == "off" else cfg.self_test_daily_at,
+        Settings(frames=cfg.self_test_frames, first_frame_s=cfg.self_test_first_frame_s,
+                 audio_s=cfg.self_test_audio_s), wake)
 
 
 class Agent:
@@ -137,6 +89,7 @@ class Agent:
         # spooled: a superseded unsent one would leave a seq gap.
         self._inventory_dirty = False
         self.logind = LogindSleepWatcher(self._on_logind)
+        self.selftest = make_scheduler(cfg, self.observer.platform, self.wake)
 
     def _next_seq(self) -> int:
         with self._seq_lock:
@@ -223,6 +176,13 @@ class Agent:
         events, inv_changed = self.watcher.step(t)
         for ev in events:
             self.emit(ev)
+        if self.selftest is not None:
+            self.selftest.attached([ev["device"]["key"] for ev in events if ev["type"] == "device.attached"])
+            self.selftest.tick(t, self.observer.nodes)
+            for ev in self.selftest.events():
+                if ev["type"] == "device.error":
+                    self.watcher.errors_total[ev["device"]["key"]] += 1
+                self.emit(ev)
         if slept is not None:
             self.emit({"type": "host.resumed", "context": {"slept_s": round(slept, 1)}})
         if inv_changed and self.session.connected.is_set():
@@ -233,6 +193,8 @@ class Agent:
     def run(self) -> None:
         first = self.observer.look()
         self.watcher.start(first.devices, first.usage)
+        if self.selftest is not None:  # a device present at start counts as just attached
+            self.selftest.attached([d["key"] for d in first.devices])
         self.emit({"type": "agent.started", "context": {"host_boot": host_boot_ts(), "version": __version__,
                                                         "prev_boot": self.prev_boot}})
         self._forget_stale_tokens()
@@ -241,10 +203,8 @@ class Agent:
         except OSError as exc:
             log.warning("cannot create the handling reports directory: %s", exc)
         self.take_reports()  # reports queued while no agent ran go right after agent.started
-        if self.cfg.usb_backend == "libusb":
-            from agent.probe.udev import start_usb_monitor
-
-            start_usb_monitor(self.wake)
+        self.observer.platform.start_monitor(self.wake)
+        if self.observer.platform.name != "simulated":
             self.logind.start()
         self.session.start()
         next_tel = time.monotonic() + 1.0

@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import psutil
 
 DEFAULT_MEETING_PROCESSES = ("CptHost.exe",) if os.name == "nt" else ("zoom",)
 
 
-def holders(nodes: Iterable[str], proc_root: str = "/proc") -> dict[str, list[str]]:
-    """node path -> names of processes holding it open (``(deleted)`` links included)."""
+def holders(nodes: Iterable[str], proc_root: str = "/proc",
+            exclude_pids: Collection[int] = ()) -> dict[str, list[str]]:
+    """node path -> names of processes holding it open (``(deleted)`` links included), leaving out
+    the processes in ``exclude_pids``."""
     wanted = {os.path.realpath(n) for n in nodes} | set(nodes)
     found: dict[str, list[str]] = {}
     if not wanted:
         return found
     try:
-        pids = [p for p in os.listdir(proc_root) if p.isdigit()]
+        skip = {str(p) for p in exclude_pids}
+        pids = [p for p in os.listdir(proc_root) if p.isdigit() and p not in skip]
     except OSError:
         return found
     for pid in pids:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 SPEED_CODES = {"unknown": 0, "low": 1, "full": 2, "high": 3, "super": 4, "super_plus": 5}
 BCD_USB = {"low": 0x0110, "full": 0x0110, "high": 0x0200, "super": 0x0300, "super_plus": 0x0320}
 KINDS = ("camera", "speakerphone", "speaker", "microphone", "other")
+SELF_TEST_MODES = {"video": ("live", "frozen", "no_frames"), "audio": ("live", "silent", "none")}
 
 
 class BusFileError(ValueError):
@@ -76,6 +77,11 @@ def parse_bus(data: object) -> list[dict[str, Any]]:
         errs = d.get("errors", [])
         if not isinstance(errs, list) or not all(isinstance(x, dict) and isinstance(x.get("code"), str) for x in errs):
             raise BusFileError(f"devices[{i}].errors must be an array of objects with a string code")
+        st = d.get("self_test", {})
+        if not isinstance(st, dict) or any(k not in SELF_TEST_MODES or v not in SELF_TEST_MODES[k]
+                                           for k, v in st.items()):
+            raise BusFileError(f"devices[{i}].self_test must be an object like "
+                               f'{{"video": "live" | "frozen" | "no_frames", "audio": "live" | "silent" | "none"}}')
         out.append(e)
     return out
 
