@@ -223,8 +223,18 @@ def verify_file(db_path: str, key_file: str | None = None) -> tuple[int, int | N
         db.close()
 
 
+def yield_cpu() -> None:
+    """A verification is background work: let ingest have the processor first."""
+    if hasattr(os, "nice"):
+        try:
+            os.nice(10)
+        except OSError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    yield_cpu()
     if not 1 <= len(args) <= 2:
         print("usage: python -m collector.audit DB [KEYFILE]", file=sys.stderr)
         return 2

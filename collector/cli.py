@@ -174,6 +174,7 @@ def _audit_verify(cfg: Any) -> int:
     if not os.path.exists(cfg.db):
         print(f"pantau-collector audit: no database at {cfg.db}", file=sys.stderr)
         return 2
+    audit.yield_cpu()
     try:
         n, broken, why = audit.verify_file(cfg.db, cfg.audit_key_file or audit.default_key_file(cfg.db))
     except (audit.AuditKeyError, sqlite3.Error) as exc:
