@@ -103,9 +103,26 @@ class _Batch:
     agents: dict[str, dict[str, Any]] = field(default_factory=dict)
     evidence: list[Stored] = field(default_factory=list)
     clocks: dict[str, tuple[float, str]] = field(default_factory=dict)
-    offsets: list[tuple[str, float, float]] = field(default_factory=list)
+    offsets: list[tuple[str, float, float]] = field(default_factory=list)  # (agent, received, received - ts)
+    offset_min: dict[str, float] = field(default_factory=dict)
     tele: dict[str, tuple[frozenset[str], bool]] = field(default_factory=dict)  # (last present set, events since)
     lag: float = 0.0
+
+    def mark(self, agent: str) -> tuple[Any, ...]:
+        """What one message may change (all of it keyed by its agent), to undo if it fails."""
+        upd = self.agents.get(agent)
+        return (len(self.host_rows), len(self.device_rows), len(self.evidence), len(self.offsets), self.stored,
+                self.duplicates, self.lag, None if upd is None else dict(upd), self.clocks.get(agent),
+                self.tele.get(agent))
+
+    def undo(self, agent: str, m: tuple[Any, ...]) -> None:
+        del self.host_rows[m[0]:], self.device_rows[m[1]:], self.evidence[m[2]:], self.offsets[m[3]:]
+        self.stored, self.duplicates, self.lag = m[4], m[5], m[6]
+        for table, old in ((self.agents, m[7]), (self.clocks, m[8]), (self.tele, m[9])):
+            if old is None:
+                table.pop(agent, None)
+            else:
+                table[agent] = old
 
 
 class Ingestor:
@@ -166,18 +183,19 @@ class Ingestor:
                 except ProtocolError as exc:
                     self._reject(db, b, item, exc)
                     continue
+                undo = b.mark(msg.agent)
                 try:
                     with self.store.savepoint(db):
-                        one = _Batch()
-                        self._apply(db, b, one, item, msg)
+                        self._apply(db, b, item, msg)
                 except Exception as exc:
                     if _store_failure(exc):
                         raise
+                    b.undo(msg.agent, undo)
                     log.exception("message on %s broke ingest; dead-lettered", item.topic[:120])
                     self._reject(db, b, item, ProtocolError("ingest_failed", f"{type(exc).__name__}: {exc}"))
-                    continue
-                _absorb(b, one)
             SqliteStore.add_samples(db, b.host_rows, b.device_rows)
+            for agent, rx, off in b.offsets:  # (an observation of what arrived: kept even if this batch fails)
+                b.offset_min[agent] = self._offsets.setdefault(agent, _OffsetWindow()).add(rx, off)
             for agent, upd in b.agents.items():
                 self._update_agent(db, agent, upd, b)
             dead = db.execute("SELECT max(id) FROM dead_letter").fetchone()[0]
@@ -186,14 +204,14 @@ class Ingestor:
             self._persist_counters(db, b)
         return b
 
-    def _apply(self, db: sqlite3.Connection, batch: _Batch, b: _Batch, item: Inbound, msg: Message) -> None:
-        """Store one message; its changes go to ``b`` (merged into ``batch`` only if it succeeds)."""
+    def _apply(self, db: sqlite3.Connection, b: _Batch, item: Inbound, msg: Message) -> None:
+        """Store one message (its changes to ``b`` are undone by the caller if this raises)."""
         seq = WILL_SEQ if msg.seq is None else msg.seq
         if not self.store.mark_seen(db, msg.agent, msg.boot, seq):
             b.duplicates += 1
             return
         dashboard = is_dashboard_boot(msg.boot)
-        clock = batch.clocks.get(msg.agent)
+        clock = b.clocks.get(msg.agent)
         if clock is None and msg.agent in self.clocks.t:
             clock = (self.clocks.t[msg.agent], self.clocks.ts[msg.agent])
         # a will takes its agent's clock as it stands (its receive time if the agent has none yet)
@@ -208,10 +226,10 @@ class Ingestor:
         if not dashboard and (upd.get("last_seen") is None or stamp > upd["last_seen"]):
             upd["last_seen"] = stamp
         if msg.kind == "telemetry":
-            self._telemetry(db, batch, b, msg, stamp, item.received_at, upd)
+            self._telemetry(db, b, msg, stamp, item.received_at, upd)
         else:
             self._evidence(db, b, msg, stamp, item.received_at)
-            last, _ = self._tele_state(batch, msg.agent)
+            last, _ = self._tele_state(b, msg.agent)
             b.tele[msg.agent] = (last, True)  # evidence came: the next telemetry is evidence again
             if msg.kind == "state":
                 p = msg.payload
@@ -268,10 +286,7 @@ class Ingestor:
         clock = b.clocks.get(agent)
         if clock is not None:
             upd["clock"] = format_epoch(clock[0])
-        offset = None
-        for a, rx, off in b.offsets:
-            if a == agent:
-                offset = self._offsets.setdefault(agent, _OffsetWindow()).add(rx, off)
+        offset = b.offset_min.get(agent)
         if offset is not None:
             upd["clock_offset_s"] = round(offset, 3)
         values = [dumps(v) if isinstance(v, dict | list) else v for v in upd.values()]
@@ -309,8 +324,8 @@ class Ingestor:
             rooms = {room} if isinstance(room, str) else set()
         return MISMATCH if rooms and lent[0] not in rooms else None
 
-    def _telemetry(self, db: sqlite3.Connection, batch: _Batch, b: _Batch, msg: Message, stamp: str,
-                   received_at: float, upd: dict[str, Any]) -> None:
+    def _telemetry(self, db: sqlite3.Connection, b: _Batch, msg: Message, stamp: str, received_at: float,
+                   upd: dict[str, Any]) -> None:
         p = msg.payload
         t = ts_seconds(stamp)
         host = p.get("host") if isinstance(p.get("host"), dict) else {}
@@ -329,7 +344,7 @@ class Ingestor:
                      for k, v in zip(DEVICE_METRICS, values, strict=True) if v is not None]
             self.timeseries.add(msg.agent, rows, *self._labels(db, msg.agent))
         present = frozenset(d["key"] for d in p["devices"] if d.get("present") is True)
-        last, events_since = self._tele_state(batch, msg.agent)
+        last, events_since = self._tele_state(b, msg.agent)
         if present and (present != last or events_since):
             # evidence only when it can say something new: a device seen again
             b.tele[msg.agent] = (present, False)
@@ -396,23 +411,3 @@ class Ingestor:
                 "buffer_depth": self.timeseries.buffer_depth() if self.timeseries is not None else 0,
                 "seconds_since_commit": round(time.time() - self.last_commit, 3)}
 
-
-def _absorb(b: _Batch, one: _Batch) -> None:
-    """Fold one message's changes into its batch (after its savepoint was released)."""
-    b.duplicates += one.duplicates
-    b.stored += one.stored
-    b.host_rows += one.host_rows
-    b.device_rows += one.device_rows
-    for agent, upd in one.agents.items():
-        cur = b.agents.setdefault(agent, {})
-        last = upd.pop("last_seen", None)
-        cur.update(upd)
-        if last is not None and (cur.get("last_seen") is None or last > cur["last_seen"]):
-            cur["last_seen"] = last
-    b.evidence += one.evidence
-    for agent, clock in one.clocks.items():
-        if agent not in b.clocks or clock[0] > b.clocks[agent][0]:
-            b.clocks[agent] = clock
-    b.offsets += one.offsets
-    b.tele.update(one.tele)
-    b.lag = one.lag or b.lag
