@@ -55,11 +55,13 @@ EVENT_TYPES = frozenset(
         "device.recovered",
         "device.usage",
         "handling.reported",
+        "device.self_test",
     }
 )
 # Event types that must carry a device object with a string key.
 DEVICE_EVENT_TYPES = frozenset(
-    {"device.attached", "device.detached", "device.error", "device.recovered", "device.usage", "handling.reported"}
+    {"device.attached", "device.detached", "device.error", "device.recovered", "device.usage", "handling.reported",
+     "device.self_test"}
 )
 
 # Error code -> family ("link", "device" or "info"), as in PROTOCOL.md.
@@ -73,6 +75,9 @@ ERROR_CODES: dict[str, str] = {
     "video.stream_error": "device",
     "video.control_error": "device",
     "audio.stream_error": "device",
+    "video.no_frames": "device",
+    "video.frozen": "device",
+    "audio.no_signal": "device",
     "os.problem": "device",
     "device.self_reported": "device",
 }
@@ -452,11 +457,11 @@ def _boolean(obj: dict[str, Any], names: tuple[str, ...], where: str, nullable: 
 
 def _explain_device(dev: dict[str, Any], where: str) -> None:
     w = where + "."
-    _enum(dev, "kind", DEVICE_KINDS, w)
-    _enum(dev, "speed", SPEEDS, w)
+    _enum(dev, "kind", DEVICE_KINDS, w, nullable=True)  # null reads as absent
+    _enum(dev, "speed", SPEEDS, w, nullable=True)
     _enum(dev, "max_speed", SPEEDS, w, nullable=True)
     _text(dev, DEVICE_TEXT_MEMBERS, w)
-    _boolean(dev, ("present",), w, nullable=False)
+    _boolean(dev, ("present",), w, nullable=True)
     _number(dev, "errors_total", 0, INT64_MAX, w, integer=True)
     _number(dev, "resets_total", 0, INT64_MAX, w, integer=True)
 
@@ -467,7 +472,7 @@ def _explain_host(host: dict[str, Any]) -> None:
 
 
 def _explain_context(ctx: dict[str, Any]) -> None:
-    _boolean(ctx, ("in_use", "meeting"), "context.", nullable=True)
+    # PROTOCOL.md: a missing or non-boolean in_use reads as false (and so does meeting): not checked
     users = ctx.get("users")
     if users is not None and not (isinstance(users, list) and all(isinstance(u, str) for u in users)):
         raise ProtocolError("bad_type", "context.users must be an array of strings")
@@ -508,18 +513,18 @@ def _bool_or_null(v: Any) -> bool:
 
 
 _FAST_DEVICE: dict[str, Callable[[Any], bool]] = {
-    "kind": _one_of(DEVICE_KINDS),
-    "speed": _one_of(SPEEDS),
+    "kind": _one_of(DEVICE_KINDS, nullable=True),
+    "speed": _one_of(SPEEDS, nullable=True),
     "max_speed": _one_of(SPEEDS, nullable=True),
     **dict.fromkeys(DEVICE_TEXT_MEMBERS, _text_or_null),
-    "present": lambda v: v.__class__ is bool,
+    "present": _bool_or_null,
     "errors_total": _within(0, INT64_MAX, integer=True),
     "resets_total": _within(0, INT64_MAX, integer=True),
 }
 _FAST_HOST = {name: _within(lo, hi) for name, (lo, hi) in HOST_BOUNDS.items()}
 _FAST_CONTEXT: dict[str, Callable[[Any], bool]] = {
-    "in_use": _bool_or_null,
-    "meeting": _bool_or_null,
+    "in_use": lambda v: True,  # a non-boolean reads as false
+    "meeting": lambda v: True,
     "users": lambda v: v is None or (v.__class__ is list and all(u.__class__ is str for u in v)),
     "host_boot": lambda v: False,  # a timestamp: always through check_ts
     **dict.fromkeys(("prev_boot", "note", "reported_by", "version"), _text_or_null),

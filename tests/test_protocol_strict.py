@@ -268,7 +268,6 @@ def test_fractional_interval_is_fine() -> None:
         ({"speed": []}, "bad_enum"),
         ({"speed": {}}, "bad_enum"),
         ({"speed": "warp"}, "bad_enum"),
-        ({"speed": None}, "bad_enum"),
         ({"speed": "HIGH"}, "bad_enum"),
         ({"max_speed": "ludicrous"}, "bad_enum"),
         ({"max_speed": []}, "bad_enum"),
@@ -292,6 +291,16 @@ def test_device_enum_values_that_are_known_or_null_where_allowed() -> None:
     for speed in ("low", "full", "high", "super", "super_plus", "unknown"):
         accept(event(device={**DEVICE, "speed": speed, "max_speed": speed}))
     accept(event(device={**DEVICE, "max_speed": None, "serial": None, "vendor": None}))
+    accept(event(device={**DEVICE, "speed": None, "kind": None}))  # null reads as absent
+
+
+def test_a_non_boolean_in_use_reads_as_false_and_is_accepted() -> None:
+    """PROTOCOL.md: a missing or non-boolean ``in_use`` reads as false."""
+    for v in ("yes", 1, None, [], {"a": 1}):
+        accept(event(context={"in_use": v, "users": [], "meeting": v}))
+    tel = telemetry()
+    tel["devices"][0]["in_use"] = "no"
+    accept(tel)
     for kind in ("camera", "speakerphone", "speaker", "microphone", "other"):
         accept(event(device={**DEVICE, "kind": kind}))
 
