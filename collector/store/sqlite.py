@@ -173,9 +173,10 @@ class SqliteStore:
         try:
             yield
         except BaseException:
-            db.execute("ROLLBACK TO one")
-            db.execute("RELEASE one")
             self._pending_ids.clear()  # may name rows just undone; they are looked up again
+            if db.in_transaction:  # SQLITE_FULL or an I/O error may have rolled back everything already
+                db.execute("ROLLBACK TO one")
+                db.execute("RELEASE one")
             raise
         db.execute("RELEASE one")
 
