@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable
 from datetime import date
 from typing import Any, Protocol
@@ -41,6 +42,7 @@ def load_toml(store: SqliteStore, path: str) -> int:
     return load(store, read_toml(path, "registry", RegistryError))
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 LOAN_FIELDS = ("unit", "room", "lease_start", "lease_end", "condition", "note")
 
 
@@ -101,14 +103,16 @@ def load(store: SqliteStore, data: dict[str, Any]) -> int:
 
 def update_loan(store: SqliteStore, device: str, changes: dict[str, Any], by: str, at: str) -> dict[str, Any]:
     """Create a loan or change only the fields in ``changes`` (None clears one); audited as ``by``."""
-    if not isinstance(device, str) or not device.strip() or len(device) > 200:
-        raise RegistryError("loan: device must be a non-empty key (vid:pid:serial) or serial")
+    if not isinstance(device, str) or not device.strip() or len(device) > 200 or _CONTROL.search(device):
+        raise RegistryError("loan: device must be a non-empty key (vid:pid:serial) or serial, without control "
+                            "characters")
     unknown = set(changes) - set(LOAN_FIELDS)
     if unknown:
         raise RegistryError(f"loan: unknown field {sorted(unknown)[0]!r}")
     for k, v in changes.items():
-        if v is not None and (not isinstance(v, str) or len(v) > 500):
-            raise RegistryError(f"loan: {k} must be a string of at most 500 characters, or null")
+        if v is not None and (not isinstance(v, str) or len(v) > 500 or _CONTROL.search(v.replace("\n", " "))):
+            raise RegistryError(f"loan: {k} must be a string of at most 500 characters without control "
+                                "characters, or null")
     if "unit" in changes and not changes["unit"]:
         raise RegistryError("loan: unit cannot be empty")
     for k in ("lease_start", "lease_end"):
