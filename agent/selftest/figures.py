@@ -32,7 +32,8 @@ MAX_LUMA_VALUES = 65536  # per frame; a larger frame is sampled evenly
 
 def mean_variance(data: bytes | memoryview) -> tuple[float, float]:
     """Mean and population variance of byte values (at most MAX_LUMA_VALUES, evenly spaced)."""
-    step = -(-len(data) // MAX_LUMA_VALUES) if len(data) > MAX_LUMA_VALUES else 1
+    # an odd step, so a pattern repeating every 2 values (alternate pixels) cannot alias
+    step = (-(-len(data) // MAX_LUMA_VALUES)) | 1 if len(data) > MAX_LUMA_VALUES else 1
     b = bytes(data[::step])
     n = len(b)
     if n == 0:
