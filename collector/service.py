@@ -53,7 +53,7 @@ class Service:
                                          cfg.share_group, cfg.username, cfg.password, cfg.ca_file,
                                          mqtt_version=cfg.mqtt_version)
         host, port = cfg.http_host_port
-        self.web = WebServer(self.collector, host, port, settings=WebSettings.from_config(cfg))
+        self.web = WebServer(self.collector, host, port, health=self.health, settings=WebSettings.from_config(cfg))
         self._stop = threading.Event()
 
     def start(self) -> None:
@@ -72,6 +72,23 @@ class Service:
         threading.Thread(target=self._maintain, daemon=True).start()
 
     config_path: str | None = None
+    TIMESERIES_BUFFER_MAX = 100_000  # points waiting for InfluxDB before the collector says it is unhealthy
+
+    def health(self) -> list[str]:
+        """Why the collector is not doing its job now, in words; empty when healthy (``/healthz``)."""
+        reasons: list[str] = []
+        if self.subscriber is not None:
+            reasons += self.subscriber.health()
+        else:
+            reasons += [f"ingest worker {i} exited ({w.returncode})" for i, w in enumerate(self.workers)
+                        if w.poll() is not None]
+        if self.subscriber is None or not any("storing the last batch failed" in r for r in reasons):
+            reasons += self.collector.health()
+        ts = self.collector.timeseries
+        if ts is not None and ts.buffer_depth() > self.TIMESERIES_BUFFER_MAX:
+            reasons.append(f"{ts.buffer_depth()} time-series points wait for InfluxDB "
+                           f"(more than {self.TIMESERIES_BUFFER_MAX})")
+        return reasons
 
     def _follow(self) -> None:
         while not self._stop.wait(0.5):

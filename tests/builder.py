@@ -158,3 +158,45 @@ def incidents(text: str, tmp_path: Path) -> list[dict[str, Any]]:
 
 def brief(incs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     return [(i["device"], i["kind"], i["rule"]) for i in incs]
+
+
+# ---------------------------------------------------------------- messages for ingest tests
+
+
+DEV = {"key": "046d:0843:A1", "vid": "046d", "pid": "0843", "serial": "A1", "kind": "camera", "port": "1-2"}
+
+
+def usage_event(seq: int, agent: str = "load-1", boot: str = "bootload0001") -> bytes:
+    return json.dumps({"v": 1, "agent": agent, "boot": boot, "seq": seq, "kind": "event",
+                       "ts": f"2026-11-30T03:{seq // 60000:02d}:{(seq // 1000) % 60:02d}.{seq % 1000:03d}Z",
+                       "type": "device.usage", "device": DEV,
+                       "context": {"in_use": seq % 2 == 0, "users": [], "meeting": False}}).encode()
+
+
+_CHANNEL = {"event": "events", "telemetry": "telemetry", "inventory": "inventory", "state": "state"}
+_POISON: list[tuple[str, bytes]] = [
+    ("seq_2_63", b'{"v":1,"agent":"evil","boot":"bootevil0001","seq":9223372036854775808,'
+                 b'"ts":"2026-11-30T01:00:00Z","kind":"event","type":"agent.stopping"}'),
+    ("lone_surrogate", b'{"v":1,"agent":"evil","boot":"bootevil0001","seq":1,"ts":"2026-11-30T01:00:00Z",'
+                       b'"kind":"event","type":"handling.reported","device":{"key":"a:b:c"},'
+                       b'"context":{"note":"\\ud800"}}'),
+    ("int_400_digits", b'{"v":1,"agent":"evil","boot":"bootevil0001","seq":2,"ts":"2026-11-30T01:00:00Z",'
+                       b'"kind":"telemetry","host":{"uptime_s":' + b"9" * 400 + b'},"devices":[]}'),
+    ("speed_list", b'{"v":1,"agent":"evil","boot":"bootevil0001","seq":3,"ts":"2026-11-30T01:00:00Z",'
+                   b'"kind":"inventory","devices":[{"key":"a:b:c","speed":[]}]}'),
+    ("year_one", b'{"v":1,"agent":"evil","boot":"bootevil0001","seq":4,"ts":"0001-01-01T00:00:00Z",'
+                 b'"kind":"event","type":"agent.stopping"}'),
+    ("infinity", b'{"v":1,"agent":"evil","boot":"bootevil0001","seq":5,"ts":"2026-11-30T01:00:00Z",'
+                 b'"kind":"telemetry","host":{"cpu_pct":1e999},"devices":[]}'),
+    ("duplicate_key", b'{"v":1,"agent":"evil","boot":"bootevil0001","seq":6,"seq":7,'
+                      b'"ts":"2026-11-30T01:00:00Z","kind":"event","type":"agent.stopping"}'),
+]
+
+
+def poison_messages() -> list[tuple[str, bytes]]:
+    """(topic, payload) of messages that once broke ingest: validation must dead-letter each."""
+    out = []
+    for _, raw in _POISON:
+        kind = json.loads(raw.replace(b"\\ud800", b"").replace(b"1e999", b"1"))["kind"]
+        out.append((f"pantau/v1/agents/evil/{_CHANNEL[kind]}", raw))
+    return out

@@ -11,18 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.builder import usage_event
 from tests.conftest import Mosquitto
 from tests.procs import db_rows, publisher, start_collector, wait_until
 
 pytestmark = pytest.mark.broker
-DEV = {"key": "046d:0843:A1", "vid": "046d", "pid": "0843", "serial": "A1", "kind": "camera", "port": "1-2"}
-
-
-def usage_event(seq: int, agent: str = "load-1", boot: str = "bootload0001") -> bytes:
-    return json.dumps({"v": 1, "agent": agent, "boot": boot, "seq": seq, "kind": "event",
-                       "ts": f"2026-11-30T03:{seq // 60000:02d}:{(seq // 1000) % 60:02d}.{seq % 1000:03d}Z",
-                       "type": "device.usage", "device": DEV,
-                       "context": {"in_use": seq % 2 == 0, "users": [], "meeting": False}}).encode()
 
 
 def stored(db: Path, agent: str = "load-1") -> int:
