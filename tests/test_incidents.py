@@ -366,3 +366,34 @@ def test_schema_migrates_forward_and_refuses_newer(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(RuntimeError, match="newer than this collector"):
         SqliteStore(str(db))
+
+
+def test_a_report_naming_a_device_lent_to_another_room_is_flagged_and_never_a_d1_mark(tmp_path: Path) -> None:
+    """The registry lends CAM to room r1 (room-1's); a report about it from room-2 is recorded, flagged as
+    a mismatch, and does not bill room-2's unit for room-2's own camera errors."""
+    store = SqliteStore(str(tmp_path / "m.sqlite"))
+    reg = tmp_path / "reg.toml"
+    reg.write_text(REGISTRY.replace('rooms = [{ id = "r1", name = "Ruang Sidang", agent = "room-1" }]',
+                                    'rooms = [{ id = "r1", name = "Ruang Sidang", agent = "room-1" },\n'
+                                    '         { id = "r2", name = "Ruang Rapat", agent = "room-2" }]'))
+    load_toml(store, str(reg))
+    c = Collector(store)
+    other = Agent("room-2", "bootroom2001").started()
+    other.telemetry(30, [CAM["key"]])
+    feed(c, other)
+    ev = c.report_handling("room-2", CAM["key"], "kamera jatuh", "budi")
+    assert ev["flag"] == "registry_mismatch"
+    [row] = store.query("SELECT flag FROM evidence WHERE type = 'handling.reported'")
+    assert row["flag"] == "registry_mismatch"
+    from common.protocol import ts_seconds
+    from tests.builder import T0
+
+    other.error((ts_seconds(ev["ts"]) - T0.timestamp()) / 60 + 1 / 60, CAM, "video.stream_error")
+    feed(c, other, start=len(other.lines) - 1)
+    [inc] = store.query("SELECT rule, evidence FROM incidents")
+    assert inc["rule"] == "D2" and "handling.reported" not in inc["evidence"]
+    # the same report from the room the registry lends it to is a mark
+    own = Agent("room-1", "bootroom1001").started()
+    feed(c, own)
+    assert c.report_handling("room-1", CAM["key"], "kamera jatuh", "budi")["flag"] is None
+    store.close()
