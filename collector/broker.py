@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +19,7 @@ class EmbeddedBroker:
         self.host, self.port = host, port
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="amqtt", daemon=True)
-        self._broker = None
+        self._broker: Any = None
 
     def start(self) -> None:
         from amqtt.broker import Broker
@@ -28,8 +29,8 @@ class EmbeddedBroker:
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
         self._thread.start()
-        self._broker = Broker(config, loop=self._loop)
-        fut = asyncio.run_coroutine_threadsafe(self._broker.start(), self._loop)
+        broker = self._broker = Broker(config, loop=self._loop)
+        fut = asyncio.run_coroutine_threadsafe(broker.start(), self._loop)
         fut.result(timeout=15)
         log.info("embedded broker on %s:%s", self.host, self.port)
 

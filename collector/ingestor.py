@@ -328,7 +328,8 @@ class Ingestor:
                    upd: dict[str, Any]) -> None:
         p = msg.payload
         t = ts_seconds(stamp)
-        host = p.get("host") if isinstance(p.get("host"), dict) else {}
+        raw_host = p.get("host")
+        host: dict[str, Any] = raw_host if isinstance(raw_host, dict) else {}
         host_values = [_num(host.get(k)) for k in HOST_METRICS]
         b.host_rows.append((t, msg.agent, *host_values, received_at))
         devices = [(d["key"], (_flag(d.get("present")), _flag(d.get("in_use")), _num(d.get("errors_total")),

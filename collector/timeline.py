@@ -59,7 +59,8 @@ def evidence_from(msg: Message, stamped_ts: str | None = None, mismatch: bool = 
     kind = msg.kind
     if kind == "event":
         dev = p.get("device") if isinstance(p.get("device"), dict) else None
-        context = p.get("context") if isinstance(p.get("context"), dict) else {}
+        ctx = p.get("context")
+        context: dict[str, Any] = ctx if isinstance(ctx, dict) else {}
         return Evidence(
             **base, kind=kind, type=p["type"], key=dev["key"] if dev else None, device=dev, context=context,
             error=p.get("error") if isinstance(p.get("error"), dict) else None, mismatch=mismatch,

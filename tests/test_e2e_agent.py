@@ -37,7 +37,14 @@ def test_state_inventory_and_telemetry_land_in_sqlite(tmp_path: Path, mosquitto:
         wait_until(lambda: db_rows(db, "SELECT 1 FROM host_samples WHERE cpu_pct IS NOT NULL"), 15,
                    what="telemetry")
         assert db_rows(db, "SELECT count(*) FROM device_samples WHERE device=? AND present=1", (CAM_KEY,))[0][0] >= 1
-        with urllib.request.urlopen(http + "/api/agents", timeout=5) as r:
+        from collector.store.sqlite import SqliteStore
+        from tests.web_helpers import token_for
+
+        store = SqliteStore(str(db))
+        token = token_for(store, "e2e")
+        store.close()
+        req = urllib.request.Request(http + "/api/agents", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=5) as r:
             [api] = json.load(r)
         assert (api["agent"], api["state"], api["labels"]) == ("room-1", "online", {"unit": "setjen", "room": "r1"})
         write_bus(tmp_path / "bus.json", SPEAKER)  # unplug the camera

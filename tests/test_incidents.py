@@ -23,8 +23,7 @@ from collector.ingest import Collector, Inbound
 from collector.notify import Notifier, NotifyConfig
 from collector.registry import RegistryError, load_toml, lookup
 from collector.store.sqlite import SqliteStore
-from collector.web.server import WebServer
-from tests.builder import CAM, SPK, Agent, device
+from tests.builder import CAM, SPK, Agent
 from tests.conftest import EXAMPLES, free_port, run_cli
 
 REGISTRY = """
@@ -248,44 +247,6 @@ def _req(url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
-
-
-def test_api_incidents_override_ack_and_errors(collector: Collector) -> None:
-    a = Agent().started()
-    a.error(30, CAM, "video.stream_error")
-    a.error(45, device("1111:2222:NOREG", port="2-9"), "video.stream_error")
-    feed(collector, a)
-    web = WebServer(collector, "127.0.0.1", 0)
-    web.start()
-    base = web.address.rstrip("/")
-    try:
-        code, incs = _req(base + "/api/incidents")
-        assert code == 200 and len(incs) == 2
-        reg = {i["device"]: i["registry"] for i in incs}
-        assert reg[CAM["key"]]["pic"]["name"] == "Budi" and reg["1111:2222:NOREG"]["registered"] is False
-        code, mine = _req(base + "/api/incidents?unit=setjen")
-        assert code == 200 and len(mine) == 2  # the unregistered camera is in setjen's room
-        iid = next(i["id"] for i in incs if i["device"] == CAM["key"])
-        assert _req(f"{base}/api/incidents/{iid}/override", {"cause": "nonsense", "reason": "x", "by": "y"})[0] == 400
-        assert _req(f"{base}/api/incidents/{iid}/override", {"cause": "host_issue", "by": "y"})[0] == 400
-        assert _req(f"{base}/api/incidents/nope/override", {"cause": "host_issue", "reason": "r", "by": "y"})[0] == 404
-        code, out = _req(f"{base}/api/incidents/{iid}/override",
-                         {"cause": "host_issue", "reason": "PC ruangan rusak", "by": "ani"})
-        assert code == 200 and out["effective_cause"] == "host_issue" and out["cause"] == "device_fault"
-        code, out = _req(f"{base}/api/incidents/{iid}/ack", {"by": "budi"})
-        assert code == 200 and out["acknowledged_by"] == "budi"
-        code, one = _req(f"{base}/api/incidents/{iid}")
-        assert [h["action"] for h in one["history"]] == ["opened", "overridden", "acknowledged"]
-        assert _req(base + "/api/audit/verify")[1]["first_broken"] is None
-        req = urllib.request.Request(f"{base}/api/incidents/{iid}/ack", data=b"{not json", method="POST",
-                                     headers={"Content-Type": "application/json"})
-        with pytest.raises(urllib.error.HTTPError) as ei:
-            urllib.request.urlopen(req, timeout=5)
-        assert ei.value.code == 400
-        with urllib.request.urlopen(base + "/api/openapi.json", timeout=5) as r:
-            assert "/api/incidents/{id}/override" in json.load(r)["paths"]
-    finally:
-        web.stop()
 
 
 # ---------------------------------------------------------------- replay command

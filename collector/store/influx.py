@@ -18,10 +18,12 @@ import os
 import sqlite3
 import threading
 from collections import defaultdict
-from typing import Any
+from typing import Any, cast
 
 from influxdb_client import InfluxDBClient, Point, WriteOptions, WritePrecision
 from influxdb_client.client.write_api import SYNCHRONOUS
+
+_MS: Any = WritePrecision.MS  # a str constant the stubs type as the enum
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class InfluxSink:
                 p = p.field(k, int(v) if k in ("present", "in_use", "speed_rank") else float(v))
             points.append(p.time(int(t * 1000), WritePrecision.MS))
         if points:
-            self.write_api.write(bucket=self.bucket, org=self.org, record=points, write_precision=WritePrecision.MS)
+            self.write_api.write(bucket=self.bucket, org=self.org, record=points, write_precision=_MS)
 
     def flush(self) -> None:
         self.write_api.flush()
@@ -97,7 +99,7 @@ class InfluxSink:
         for rid, bucket, org, precision, data, lines in rows:
             try:
                 self.sync_api.write(bucket=bucket, org=org, record=bytes(data).decode(),
-                                    write_precision=_precision(precision))
+                                    write_precision=cast(Any, _precision(precision)))
             except Exception as exc:
                 with self._lock:
                     self._db.execute("UPDATE batches SET attempts = attempts + 1 WHERE id = ?", (rid,))
