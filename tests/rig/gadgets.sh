@@ -1,6 +1,6 @@
 #!/bin/sh
 # Builds the rig's two USB gadgets in configfs and binds each to a usbip-vudc UDC:
-#   camera:  UVC (640x360 YUYV), 1209:0001, serial PANTAU-CAM-1, on usbip-vudc.0
+#   camera:  UVC (YUYV 640x360 and 160x120), 1209:0001, serial PANTAU-CAM-1, on usbip-vudc.0
 #   speaker: UAC2 playback + capture (a speakerphone), 1209:0002, serial PANTAU-SPK-1, on usbip-vudc.1
 # VID 0x1209 is pid.codes' test range; distinct PIDs keep other drivers from grabbing them.
 set -eu
@@ -32,6 +32,14 @@ camera() {
   echo $((640 * 360 * 2)) > $F/streaming/uncompressed/u/360p/dwMaxVideoFrameBufferSize
   echo $((640 * 360 * 2 * 8 * 15)) > $F/streaming/uncompressed/u/360p/dwMinBitRate
   echo $((640 * 360 * 2 * 8 * 30)) > $F/streaming/uncompressed/u/360p/dwMaxBitRate
+  mkdir -p $F/streaming/uncompressed/u/120p   # the smallest size: the one the self-test streams
+  echo 160 > $F/streaming/uncompressed/u/120p/wWidth
+  echo 120 > $F/streaming/uncompressed/u/120p/wHeight
+  echo 333333 > $F/streaming/uncompressed/u/120p/dwDefaultFrameInterval
+  printf '333333\n666666\n' > $F/streaming/uncompressed/u/120p/dwFrameInterval
+  echo $((160 * 120 * 2)) > $F/streaming/uncompressed/u/120p/dwMaxVideoFrameBufferSize
+  echo $((160 * 120 * 2 * 8 * 15)) > $F/streaming/uncompressed/u/120p/dwMinBitRate
+  echo $((160 * 120 * 2 * 8 * 30)) > $F/streaming/uncompressed/u/120p/dwMaxBitRate
   mkdir -p $F/streaming/header/h
   ln -s $F/streaming/uncompressed/u $F/streaming/header/h/u
   ln -s $F/streaming/header/h $F/streaming/class/fs/h

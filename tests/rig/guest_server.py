@@ -23,8 +23,9 @@ LOCK = threading.Lock()
 def handle(req: dict) -> dict:
     cmd = req.get("cmd")
     if cmd == "sh":
-        p = subprocess.run(["/bin/sh", "-c", req["script"]], capture_output=True, timeout=req.get("timeout", 60))
-        return {"rc": p.returncode, "out": p.stdout.decode(errors="replace"), "err": p.stderr.decode(errors="replace")}
+        done = subprocess.run(["/bin/sh", "-c", req["script"]], capture_output=True, timeout=req.get("timeout", 60))
+        return {"rc": done.returncode, "out": done.stdout.decode(errors="replace"),
+                "err": done.stderr.decode(errors="replace")}
     if cmd == "spawn":
         log = open(req.get("log", "/dev/null"), "ab")  # noqa: SIM115
         p = subprocess.Popen(["/bin/sh", "-c", "exec " + req["script"]], stdout=log, stderr=log,
@@ -34,15 +35,15 @@ def handle(req: dict) -> dict:
         return {"pid": p.pid}
     if cmd == "kill":
         with LOCK:
-            p = PROCS.pop(req["name"], None)
-        if p is None:
+            held = PROCS.pop(req["name"], None)
+        if held is None:
             return {"rc": None}
-        p.send_signal(req.get("signal", signal.SIGTERM))
+        held.send_signal(req.get("signal", signal.SIGTERM))
         try:
-            return {"rc": p.wait(req.get("timeout", 20))}
+            return {"rc": held.wait(req.get("timeout", 20))}
         except subprocess.TimeoutExpired:
-            p.kill()
-            return {"rc": p.wait()}
+            held.kill()
+            return {"rc": held.wait()}
     return {"error": f"unknown command {cmd!r}"}
 
 
