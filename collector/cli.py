@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -68,7 +69,9 @@ def _wait_for_signal() -> None:
 def _serve(cfg: Any, config_path: str | None = None) -> int:
     from collector import audit
     from collector.service import Service
+    from collector.store.sqlite import SqliteStore
 
+    SqliteStore(cfg.db).close()  # a damaged database stops here, before anything is created beside it
     audit.configure(cfg.db, cfg.audit_key_file)
     svc = Service(cfg)
     svc.config_path = config_path
@@ -249,13 +252,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pantau-collector: {exc}", file=sys.stderr)
         return 2
-    if args.cmd == "audit":
-        return _audit_verify(cfg)
-    if args.cmd == "user":
-        return _user(cfg, args)
-    if args.cmd == "demo":
-        return _demo(cfg, args.http)
-    return _serve(cfg, args.config)
+    from collector.store.sqlite import StoreError
+
+    try:
+        if args.cmd == "audit":
+            return _audit_verify(cfg)
+        if args.cmd == "user":
+            return _user(cfg, args)
+        if args.cmd == "demo":
+            return _demo(cfg, args.http)
+        return _serve(cfg, args.config)
+    except StoreError as exc:  # a damaged, foreign or unreadable database: one line, no traceback
+        print(f"pantau-collector: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as exc:  # the same, met before the store itself opened it
+        print(f"pantau-collector: store: cannot open {cfg.db}: {exc} (not a Pantau database, damaged or "
+              "unreadable; restore it from a backup or move it away)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -176,3 +176,15 @@ def test_a_damaged_or_foreign_database_fails_with_one_clear_line(tmp_path: Path)
     store = SqliteStore(str(empty))
     assert store.created_empty and store.schema_version() > 0
     store.close()
+
+
+def test_serve_on_a_damaged_database_stops_with_one_line(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)  # a header, then garbage
+    out = run_cli("collector.cli", "serve", env={**__import__("os").environ, "PANTAU_DB": str(bad),
+                                                 "PANTAU_HTTP": "127.0.0.1:0"}, timeout=60)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot open" in lines[0] and str(bad) in lines[0] and "Traceback" not in out.stderr
