@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -200,3 +201,22 @@ def poison_messages() -> list[tuple[str, bytes]]:
         kind = json.loads(raw.replace(b"\\ud800", b"").replace(b"1e999", b"1"))["kind"]
         out.append((f"pantau/v1/agents/evil/{_CHANNEL[kind]}", raw))
     return out
+
+
+# ---------------------------------------------------------------- the simulated bus (docs/simulated-bus.md)
+
+CAMERA = {"vid": "046d", "pid": "0843", "serial": "A1B2C3D4", "kind": "camera", "vendor": "Logitech",
+          "product": "Logitech Webcam C930e", "port": "1-2", "speed": "high", "max_speed": "high",
+          "firmware": "0.13", "in_use": False, "users": [], "meeting": False}
+SPEAKER = {"vid": "0b0e", "pid": "2456", "serial": None, "kind": "speakerphone", "vendor": "Jabra",
+           "product": "Jabra SPEAK 810", "port": "1-3.1", "speed": "full", "max_speed": "full",
+           "in_use": False, "users": [], "meeting": False}
+
+
+def write_bus(path: Path, *devices: dict[str, Any]) -> None:
+    """Write a simulated bus file the way the demo's room is edited: atomically, visibly changed."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"devices": list(devices)}))
+    os.replace(tmp, path)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a visible change even within one tick
