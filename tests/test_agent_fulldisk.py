@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from tests.builder import CAMERA, SPEAKER, write_bus
 from tests.conftest import Mosquitto
 from tests.fullfs import fill, small_fs
 from tests.procs import Recorder, start_agent, wait_until
-from tests.test_agent_observe import CAMERA, SPEAKER, write_bus
 
 CAM_KEY = "046d:0843:A1B2C3D4"
 

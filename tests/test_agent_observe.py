@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
-import os
 import subprocess
 import sys
 import time
@@ -21,21 +19,7 @@ from agent.probe.usb import Prober, kind_from_interfaces, max_speed_from_bcd, po
 from agent.runner import Observer
 from agent.usage import holders
 from agent.watch import Watcher
-
-CAMERA = {"vid": "046d", "pid": "0843", "serial": "A1B2C3D4", "kind": "camera", "vendor": "Logitech",
-          "product": "Logitech Webcam C930e", "port": "1-2", "speed": "high", "max_speed": "high",
-          "firmware": "0.13", "in_use": False, "users": [], "meeting": False}
-SPEAKER = {"vid": "0b0e", "pid": "2456", "serial": None, "kind": "speakerphone", "vendor": "Jabra",
-           "product": "Jabra SPEAK 810", "port": "1-3.1", "speed": "full", "max_speed": "full",
-           "in_use": False, "users": [], "meeting": False}
-
-
-def write_bus(path: Path, *devices: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"devices": list(devices)}))
-    os.replace(tmp, path)
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a visible change even within one tick
+from tests.builder import CAMERA, SPEAKER, write_bus
 
 
 def test_pyusb_reads_the_simulated_bus(tmp_path: Path) -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.builder import CAMERA, SPEAKER, write_bus
 from tests.conftest import Mosquitto
 from tests.procs import Recorder, db_rows, retained, start_agent, start_collector, wait_until
-from tests.test_agent_observe import CAMERA, SPEAKER, write_bus
 
 pytestmark = pytest.mark.broker
 OUTAGE_S = float(os.environ.get("PANTAU_TEST_OUTAGE_S", "30"))

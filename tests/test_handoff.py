@@ -18,9 +18,9 @@ from agent.runner import Agent
 from agent.spool import Outbox
 from agent.state import AlreadyRunning, agent_running, read_prev_boot
 from common.protocol import decode_message
+from tests.builder import CAMERA, SPEAKER, write_bus
 from tests.conftest import Mosquitto, free_port, run_cli
 from tests.procs import Recorder, start_agent, wait_until
-from tests.test_agent_observe import CAMERA, SPEAKER, write_bus
 
 CAM_KEY = "046d:0843:A1B2C3D4"
 ME = pwd.getpwuid(os.geteuid()).pw_name
