@@ -50,6 +50,8 @@ class Classifier:
         self._followed = 0  # evidence id read so far
         self._clock_rows: dict[str, str] = {}
         self._last_classify = 0.0
+        self._leases: dict[str, float] = {}
+        self._leases_read = float("-inf")
         self.lock = threading.RLock()
         self._load()
 
@@ -182,7 +184,7 @@ class Classifier:
             return []
         w = self.windows
         pending: list[float] = []
-        incidents = evaluate(hist, clock, w, pending)
+        incidents = evaluate(hist, clock, w, pending, self._not_expected(agent))
         if pending:
             self.deadlines[agent] = min(pending)
         else:
@@ -191,6 +193,24 @@ class Classifier:
         needed = [i.needs_from(w) for i in incidents if not i.settled(clock, w)]
         self.keep_from[agent] = min([clock - self.horizon_s, *needed])
         return self.book.sync(agent, incidents, now_ts(), w, lambda needs_from: needs_from < cut)
+
+    def _not_expected(self, agent: str) -> dict[str, float]:
+        """Devices no longer expected in any room: a lease that ended (at the end of its ``lease_end``
+        day, UTC) or a recorded return (``returned_at``, where the registry has it). Read from the
+        registry at most every few seconds; the same map serves every agent."""
+        now = time.monotonic()
+        if now - self._leases_read < 5.0:
+            return self._leases
+        cols = {r["name"] for r in self.store.query("PRAGMA table_info(loans)")}
+        returned = "returned_at" if "returned_at" in cols else "NULL"
+        out: dict[str, float] = {}
+        for r in self.store.query(f"SELECT device, lease_end, {returned} AS returned_at FROM loans "
+                                  f"WHERE lease_end IS NOT NULL OR {returned} IS NOT NULL"):
+            ends = [t for t in (_day_end(r["lease_end"]), _instant(r["returned_at"])) if t is not None]
+            if ends:
+                out[r["device"]] = min(ends)
+        self._leases, self._leases_read = out, now
+        return out
 
     def tick(self) -> None:
         """Classify everything pending, then forget evidence no undecided incident can read.
@@ -213,6 +233,21 @@ class Classifier:
     def clock_str(self, agent: str) -> str | None:
         t = self.clocks.get(agent)
         return None if t is None else format_epoch(t)
+
+
+def _day_end(day: str | None) -> float | None:
+    """The end of a ``YYYY-MM-DD`` day (UTC), or None."""
+    try:
+        return ts_seconds(f"{day}T00:00:00Z") + 86400 if day else None
+    except ProtocolError:
+        return None
+
+
+def _instant(ts: str | None) -> float | None:
+    try:
+        return ts_seconds(ts) if ts else None
+    except ProtocolError:
+        return None
 
 
 def _floor_ts(t: float) -> str:

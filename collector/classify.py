@@ -371,11 +371,13 @@ class _Facts:
 
 
 def evaluate(history: AgentHistory, clock: float, windows: Windows | None = None,
-             pending: list[float] | None = None) -> list[Incident]:
+             pending: list[float] | None = None, not_expected: dict[str, float] | None = None) -> list[Incident]:
     """Every incident (not withdrawn) of one agent as the evidence stands at that agent's ``clock``.
 
     ``pending`` receives the ends of windows still open at ``clock``: once the clock is past one
-    of them the answer may change, so the caller evaluates again then.
+    of them the answer may change, so the caller evaluates again then. ``not_expected`` maps a device
+    key to the time from which it is no longer expected in the room (its lease ended or it was returned):
+    a detach from then on opens no ``device_missing``.
     """
     pending = pending if pending is not None else []
     w = windows or Windows()
@@ -385,7 +387,7 @@ def evaluate(history: AgentHistory, clock: float, windows: Windows | None = None
 
     incidents: list[Incident] = []
     incidents += _error_incidents(tl, w)
-    incidents += _missing_incidents(tl, f, w, clock, pending)
+    incidents += _missing_incidents(tl, f, w, clock, pending, not_expected or {})
     incidents += _unstable_incidents(tl, f, w, clock, pending)
 
     f.bind(sorted((t.ts, inc.device) for inc in incidents for t in inc.trouble))
@@ -475,14 +477,16 @@ def _missing_window(f: _Facts, i: int) -> _Window | None:
     return _Window(nxt.anchor.ts + w.missing_s, nxt.anchor)
 
 
-def _missing_incidents(tl: list[Evidence], f: _Facts, w: Windows, clock: float,
-                       pending: list[float]) -> list[Incident]:
+def _missing_incidents(tl: list[Evidence], f: _Facts, w: Windows, clock: float, pending: list[float],
+                       not_expected: dict[str, float]) -> list[Incident]:
     out: list[Incident] = []
     current: dict[str, Incident] = {}
     for i, _ in f.detaches:
         d = tl[i]
         key = d.key
         assert key is not None
+        if key in not_expected and d.ts >= not_expected[key]:
+            continue  # its lease had ended, or it was returned: no longer expected in the room
         win = _missing_window(f, i)
         if win is None or win.end is None:
             continue

@@ -345,3 +345,22 @@ def test_a_report_naming_a_device_lent_to_another_room_is_flagged_and_never_a_d1
     feed(c, own)
     assert c.report_handling("room-1", CAM["key"], "kamera jatuh", "budi")["flag"] is None
     store.close()
+
+
+def test_a_device_whose_lease_ended_is_no_longer_expected_in_its_room(tmp_path: Path) -> None:
+    """The registry's lease for CAM ended the day before: unplugging it opens no incident; the
+    speakerphone, still lent, is missed as usual."""
+    store = SqliteStore(str(tmp_path / "l.sqlite"))
+    reg = tmp_path / "reg.toml"
+    reg.write_text(REGISTRY.replace('lease_end = "2027-01-04"', 'lease_end = "2026-11-29"'))
+    load_toml(store, str(reg))
+    c = Collector(store)
+    a = Agent().started()
+    a.detach(30, CAM)
+    a.detach(31, SPK)
+    a.telemetry(45, [])
+    a.event("device.usage", 45, SPK, context={"in_use": False, "users": [], "meeting": False})
+    feed(c, a)
+    rows = store.query("SELECT device, kind FROM incidents")
+    assert rows == [{"device": SPK["key"], "kind": "device_missing"}]
+    store.close()
