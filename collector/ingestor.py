@@ -60,7 +60,8 @@ class Stored:
 
 
 def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+    c = v.__class__
+    return v if c is float else float(v) if c is int else None  # validated: a number or null
 
 
 def _flag(v: Any) -> int | None:
@@ -184,13 +185,19 @@ class Ingestor:
                     self._reject(db, b, item, exc)
                     continue
                 undo = b.mark(msg.agent)
+                plain = msg.kind == "telemetry" and not self._telemetry_is_evidence(b, msg)
                 try:
-                    with self.store.savepoint(db):
+                    if plain:  # one statement (the dedup row) and samples written with the batch
                         self._apply(db, b, item, msg)
+                    else:
+                        with self.store.savepoint(db):
+                            self._apply(db, b, item, msg)
                 except Exception as exc:
                     if _store_failure(exc):
                         raise
                     b.undo(msg.agent, undo)
+                    if plain and msg.seq is not None:
+                        self.store.unmark_seen(db, msg.agent, msg.boot, msg.seq)
                     log.exception("message on %s broke ingest; dead-lettered", item.topic[:120])
                     self._reject(db, b, item, ProtocolError("ingest_failed", f"{type(exc).__name__}: {exc}"))
             SqliteStore.add_samples(db, b.host_rows, b.device_rows)
@@ -245,6 +252,12 @@ class Ingestor:
 
     def _tele_state(self, batch: _Batch, agent: str) -> tuple[frozenset[str], bool]:
         return batch.tele.get(agent) or self._tele.get(agent) or (frozenset(), True)
+
+    def _telemetry_is_evidence(self, b: _Batch, msg: Message) -> bool:
+        """Telemetry is evidence only when it can say something new: a device seen again."""
+        present = frozenset(d["key"] for d in msg.payload["devices"] if d.get("present") is True)
+        last, events_since = self._tele_state(b, msg.agent)
+        return bool(present) and (present != last or events_since)
 
     def _merge(self, b: _Batch) -> None:
         self.received += b.received

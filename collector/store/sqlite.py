@@ -91,6 +91,19 @@ MIGRATIONS: list[str] = [
     ALTER TABLE loans ADD COLUMN updated_by TEXT;
     ALTER TABLE loans ADD COLUMN updated_at TEXT;
     """,
+    # 5: indexes for the dashboard's reads: incident lists by time, status and device, the change feed,
+    # an incident's audit trail and evidence, a device's evidence, recent detaches, rooms by room PC
+    """
+    CREATE INDEX incidents_opened ON incidents (opened_at);
+    CREATE INDEX incidents_status ON incidents (status, opened_at);
+    CREATE INDEX incidents_updated ON incidents (updated_at);
+    CREATE INDEX incidents_device ON incidents (device, opened_at);
+    CREATE INDEX audit_incident ON audit (incident, id);
+    CREATE INDEX evidence_device ON evidence (device, id);
+    CREATE INDEX evidence_ref ON evidence (agent, boot, seq);
+    CREATE INDEX evidence_type ON evidence (type, received_at);
+    CREATE INDEX rooms_agent ON rooms (agent);
+    """,
 ]
 
 log = logging.getLogger(__name__)
@@ -198,6 +211,12 @@ class SqliteStore:
                 self._boot_ids.clear()
             self._pending_ids[ident] = bid
         return db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (bid, seq)).rowcount == 1
+
+    def unmark_seen(self, db: sqlite3.Connection, agent: str, boot: str, seq: int) -> None:
+        """Undo ``mark_seen`` for a message that could not be stored after all."""
+        bid = self._boot_ids.get((agent, boot)) or self._pending_ids.get((agent, boot))
+        if bid is not None:
+            db.execute("DELETE FROM seen WHERE boot_id = ? AND seq = ?", (bid, seq))
 
     @staticmethod
     def add_samples(db: sqlite3.Connection, host: list[tuple[Any, ...]], devices: list[tuple[Any, ...]]) -> None:
