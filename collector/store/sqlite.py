@@ -104,6 +104,20 @@ MIGRATIONS: list[str] = [
     CREATE INDEX evidence_type ON evidence (type, received_at);
     CREATE INDEX rooms_agent ON rooms (agent);
     """,
+    # 6: enrollment tokens (hashes only), the broker accounts of enrolled room PCs, a loan's recorded
+    # return, and the loan-out and return snapshots of lent devices
+    """
+    CREATE TABLE enroll_tokens (id TEXT PRIMARY KEY, unit TEXT NOT NULL, room TEXT NOT NULL, agent TEXT NOT NULL,
+                                created_by TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL,
+                                used_at REAL, used_from TEXT);
+    CREATE TABLE agent_accounts (agent TEXT PRIMARY KEY, unit TEXT NOT NULL, room TEXT NOT NULL,
+                                 enrolled_at TEXT NOT NULL, enrolled_from TEXT, disabled_at TEXT, disabled_by TEXT,
+                                 disabled_reason TEXT);
+    ALTER TABLE loans ADD COLUMN returned_at TEXT;
+    CREATE TABLE loan_snapshots (device TEXT NOT NULL, kind TEXT NOT NULL, lease_start TEXT NOT NULL DEFAULT '',
+                                 taken_at TEXT NOT NULL, agent TEXT, room TEXT, data TEXT NOT NULL,
+                                 PRIMARY KEY (device, kind, lease_start));
+    """,
 ]
 
 log = logging.getLogger(__name__)
