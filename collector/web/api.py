@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from collector import audit, registry, users
+from collector import audit, queries, registry, users
 from collector.incidents import IncidentError
 from collector.policy import CAUSES
 from collector.web.auth import Identity, Reading, need, state_of
@@ -54,41 +54,6 @@ def agents(request: Request, ident: Reading, unit: str | None = None) -> list[di
     rows = [agent_view(r, row) for row in r.query("SELECT * FROM agents ORDER BY agent")]
     only = _unit_filter(ident, unit)
     return [a for a in rows if only is None or a["unit"] == only]
-
-
-@router.get("/api/incidents", tags=["incidents"], summary="Incidents, newest first (withdrawn ones only with all)")
-def incidents(request: Request, ident: Reading, status: Literal["open", "resolved", "withdrawn"] | None = None,
-              all: bool = False, unit: str | None = None) -> list[dict[str, Any]]:
-    r = state_of(request).reader
-    sql, args = "SELECT * FROM incidents WHERE 1=1", []
-    if status:
-        sql += " AND status = ?"
-        args.append(status)
-    elif not all:
-        sql += " AND status != 'withdrawn'"
-    rows = [incident_view(r, row) for row in r.query(sql + " ORDER BY opened_at DESC", args)]
-    only = _unit_filter(ident, unit)
-    return [i for i in rows if only is None or i["registry"]["unit"] == only]
-
-
-def _history(request: Request, iid: str) -> list[dict[str, Any]]:
-    rows = state_of(request).reader.query("SELECT at, actor, action, detail FROM audit WHERE incident = ? ORDER BY id",
-                                          (iid,))
-    for h in rows:
-        try:
-            h["detail"] = json.loads(h["detail"])
-        except ValueError:
-            pass
-    return rows
-
-
-@router.get("/api/incidents/{id}", tags=["incidents"], summary="One incident with its evidence and history")
-def incident(id: str, request: Request, ident: Reading) -> dict[str, Any]:
-    view = visible_incident(state_of(request).reader, ident.user, id)
-    if view is None:
-        raise HTTPException(404, f"no incident {id}")
-    view["history"] = _history(request, id)
-    return view
 
 
 class OverrideBody(Body):
@@ -136,7 +101,7 @@ def comment(id: str, body: CommentBody, request: Request, ident: Commenting) -> 
         raise HTTPException(400, "a comment needs some text")
     with st.store.tx() as db:
         audit.append(db, now_ts(), ident.user.name, id, "commented", {"text": text})
-    return {"incident": id, "history": _history(request, id)}
+    return {"incident": id, "history": queries.audit_trail(st.reader, id)}
 
 
 # ---------------------------------------------------------------- handling reports

@@ -14,10 +14,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from collector.web import api, auth
+from collector.web import api, auth, reads
 from collector.web.metrics import health_reasons, metrics_text
 from collector.web.settings import WebSettings
 from collector.web.views import SafeJSONResponse, WebState
@@ -38,7 +39,9 @@ SECURITY_HEADERS = [
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/login": ("login.html", "text/html; charset=utf-8"),
           "/app.js": ("app.js", "text/javascript; charset=utf-8"),
           "/login.js": ("login.js", "text/javascript; charset=utf-8"),
-          "/style.css": ("style.css", "text/css; charset=utf-8")}
+          "/style.css": ("style.css", "text/css; charset=utf-8"),
+          "/chart.js": ("chart.js", "text/javascript; charset=utf-8"),
+          "/i18n.js": ("i18n.js", "text/javascript; charset=utf-8")}
 
 
 class SecurityHeaders:
@@ -92,6 +95,7 @@ def create_app(collector: Any, settings: WebSettings | None = None,
     app.state.pantau = st
     app.include_router(auth.router)
     app.include_router(api.router)
+    app.include_router(reads.router)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -124,6 +128,7 @@ def create_app(collector: Any, settings: WebSettings | None = None,
     for path, (name, ctype) in STATIC.items():
         app.add_api_route(path, _page(_static(name), ctype), methods=["GET"], include_in_schema=False)
 
+    app.add_middleware(GZipMiddleware, minimum_size=1024)  # text/event-stream is left alone
     app.add_middleware(auth.AuthGate, state=st)
     app.add_middleware(SecurityHeaders)
     return app

@@ -132,6 +132,7 @@ class WebServer:
             time.sleep(0.01)
 
     def stop(self) -> None:
+        self.app.state.pantau.close()  # open event streams end, so the server stops at once
         if self.thread.ident is None:  # never started
             self.sock.close()
             return

@@ -125,3 +125,19 @@ class WebState:
         self.settings = settings
         self.health = health
         self.verify_lock = threading.Lock()
+        from collector.web.feed import ChangeFeed
+
+        self.feed = ChangeFeed(self.reader)
+        self.closing = threading.Event()
+
+    @property
+    def windows(self) -> Any:
+        """The classifier's policy windows (defaults where this process classifies nothing)."""
+        from collector.policy import Windows
+
+        classifier = getattr(self.collector, "classifier", None)
+        return getattr(classifier, "windows", None) or Windows()
+
+    def close(self) -> None:
+        self.closing.set()
+        self.feed.close()
