@@ -43,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--note", required=True, help="what happened, in a sentence (at most 500 characters)")
     h.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                    help="how long to wait for a running agent to take the report (default: 5 polls, at least 10 s)")
+    e = sub.add_parser("enroll", help="fetch this PC's configuration and broker account from the collector with a "
+                       "one-time token (over HTTPS, pinned to the certificate fingerprint shown with the token)")
+    e.add_argument("collector", help="the collector's address, e.g. https://pantau.example.go.id:8443")
+    e.add_argument("token", help="the enrollment token (pe_...)")
+    e.add_argument("--fingerprint", required=True, help="the collector certificate's SHA-256 (AB:CD:...)")
+    e.add_argument("--state-dir", default="/var/lib/pantau-agent")
+    e.add_argument("--install", action="store_true", help="also install, enable and start the systemd service")
+    e.add_argument("--force", action="store_true", help="replace an existing configuration")
     sim = sub.add_parser("simulate", help="run against a simulated room (a JSON bus file, created if missing)")
     sim.add_argument("--bus", default=None, help="bus file (default: $PANTAU_SIMULATED_BUS or ./var/sim/room.json)")
     return p
@@ -104,6 +112,29 @@ def _report_handling(cfg: AgentConfig, key: str, note: str, wait_s: float | None
     return 0
 
 
+def _enroll(args: argparse.Namespace) -> int:
+    from agent.enroll import EnrollFailed, enroll
+
+    path = args.config or os.environ.get("PANTAU_CONFIG") or "/etc/pantau/agent.toml"
+    try:
+        answer, started = enroll(args.collector, args.token, args.fingerprint, path, args.state_dir, args.install,
+                                 args.force)
+    except EnrollFailed as exc:
+        print(f"pantau-agent enroll: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"pantau-agent enroll: cannot write {exc.filename or path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    labels = answer.get("labels") or {}
+    print(f"enrolled as {answer['agent_id']} (unit {labels.get('unit', '-')}, room {labels.get('room', '-')}); "
+          f"configuration in {path}")
+    if started:
+        print("service pantau-agent enabled and started (systemctl status pantau-agent)")
+    elif args.install:
+        print(f"no systemd here: start the agent with `pantau-agent --config {path} run`")
+    return 0
+
+
 def _signals(path: str) -> int:
     from agent.signals.kmsg import parse_lines
 
@@ -126,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.cmd == "signals":
         return _signals(args.kernel_log)
+    if args.cmd == "enroll":
+        return _enroll(args)
     overrides: dict[str, Any] = {}
     if args.cmd == "simulate":
         bus = args.bus or os.environ.get("PANTAU_SIMULATED_BUS") or os.path.join("var", "sim", "room.json")

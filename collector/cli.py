@@ -1,4 +1,4 @@
-"""``pantau-collector``: serve, replay, demo, audit verify, user (accounts)."""
+"""``pantau-collector``: serve, replay, demo, audit verify, user (accounts), enroll, agent, bundle."""
 
 from __future__ import annotations
 
@@ -50,6 +50,22 @@ def _parser() -> argparse.ArgumentParser:
     ut.add_argument("--label", default="script")
     ul = us.add_parser("link", help="print a one-time sign-in link (valid 24 h)")
     ul.add_argument("name")
+    en = sub.add_parser("enroll", help="a single-use token that lets one room PC enroll itself (shown once)")
+    en.add_argument("--unit", required=True)
+    en.add_argument("--room", required=True)
+    en.add_argument("--expires", default=None, help="how long it stays valid: 24h (default: enroll_expires_h), "
+                    "90m, 2d")
+    en.add_argument("--agent-id", default=None, help="default: the room's registered PC, else <unit>-<room>")
+    ag = sub.add_parser("agent", help="room PCs' broker accounts: list, disable")
+    ags = ag.add_subparsers(dest="agent_cmd", metavar="ACTION", required=True)
+    ags.add_parser("list", help="enrolled room PCs")
+    agd = ags.add_parser("disable", help="disable an agent's broker account now (the broker drops its connection)")
+    agd.add_argument("agent_id")
+    agd.add_argument("--reason", default="", help="e.g. lease ended, PC replaced")
+    bu = sub.add_parser("bundle", help="build the agent's installer bundle (wheels of the agent and its "
+                        "dependencies) that the collector serves to room PCs")
+    bu.add_argument("--out", default=None, help="default: bundle_dir")
+    bu.add_argument("--source", default=None, help="a Pantau checkout (default: this one)")
     return p
 
 
@@ -234,6 +250,54 @@ def _user(cfg: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _enroll_cmd(cfg: Any, args: argparse.Namespace) -> int:
+    """``enroll``, ``agent`` and ``bundle`` (collector/enroll.py, collector/bundle.py)."""
+    import getpass
+
+    from collector import audit, bundle, enroll
+    from collector.store.sqlite import SqliteStore
+
+    if args.cmd == "bundle":
+        out = args.out or cfg.bundle_dir
+        try:
+            names = bundle.build(out, args.source)
+        except bundle.BundleError as exc:
+            print(f"pantau-collector {exc}", file=sys.stderr)
+            return 2
+        print(f"{len(names)} wheels in {out}: {', '.join(names)}")
+        return 0
+    by = f"cli:{getpass.getuser()}"
+    settings = enroll.EnrollSettings.from_config(cfg)
+    audit.configure(cfg.db, cfg.audit_key_file)
+    store = SqliteStore(cfg.db)
+    try:
+        if args.cmd == "enroll":
+            expires = enroll.parse_duration(args.expires) if args.expires else settings.expires_s
+            t = enroll.new_token(store, args.unit, args.room, expires, by, args.agent_id)
+            fp = settings.fingerprint()
+            from collector.web.enroll import commands
+
+            print(f"token:       {t['token']}\nagent id:    {t['agent_id']} (unit {t['unit']}, room {t['room']})\n"
+                  f"expires:     {t['expires_at']} (single use)\n"
+                  f"fingerprint: {fp or '(the collector serves no HTTPS: set tls_cert_file or public_url)'}")
+            for platform, line in commands(settings.public_url, fp, t["token"]).items():
+                print(f"{platform + ':':12} {line}")
+        elif args.agent_cmd == "list":
+            for r in enroll.accounts(store):
+                state = (f"disabled {r['disabled_at']} ({r['disabled_reason'] or '-'})" if r["disabled_at"]
+                         else "enabled")
+                print(f"{r['agent']}\t{r['unit']}\t{r['room']}\tenrolled {r['enrolled_at']}\t{state}")
+        else:
+            out = enroll.disable_agent(store, settings, args.agent_id, by, args.reason)
+            print(f"disabled {out['agent']}" + ("" if out["broker_account"] else " (the broker had no account for it)"))
+    except enroll.EnrollError as exc:
+        print(f"pantau-collector {args.cmd}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -259,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             return _audit_verify(cfg)
         if args.cmd == "user":
             return _user(cfg, args)
+        if args.cmd in ("enroll", "agent", "bundle"):
+            return _enroll_cmd(cfg, args)
         if args.cmd == "demo":
             return _demo(cfg, args.http)
         return _serve(cfg, args.config)

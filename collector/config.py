@@ -47,6 +47,17 @@ class CollectorConfig:
     metrics_require_token: bool = False
     http_request_timeout_s: float = 10.0
     http_max_connections: int = 4096
+    # HTTPS for the dashboard, the API and enrollment (docs/enrollment.md); both or neither
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    public_url: str | None = None  # how room PCs reach the collector, e.g. https://pantau.example.go.id:8443
+    dynsec_username: str | None = None  # the broker account holding the dynamic security admin role
+    dynsec_password: str | None = None
+    dynsec_broker: str | None = None  # default: broker
+    agent_broker: str | None = None  # the broker URL given to enrolled agents; default: broker
+    agent_ca_file: str | None = None  # the CA given to enrolled agents; default: ca_file
+    bundle_dir: str = "var/bundle"  # the agent's wheels and install script (pantau-collector bundle)
+    enroll_expires_h: float = 24.0
     windows: Windows = field(default_factory=Windows)
 
     @property
@@ -59,7 +70,8 @@ class CollectorConfig:
 _INTS: dict[str, tuple[int, int]] = {"ingest_workers": (1, 32), "smtp_port": (1, 65535),
                                      "http_max_connections": (16, 1_000_000)}
 _FLOATS: dict[str, tuple[float, float]] = {"notify_delay_s": (0.0, 86400.0 * 7), "session_hours": (0.01, 24.0 * 90),
-                                           "http_request_timeout_s": (0.5, 3600.0)}
+                                           "http_request_timeout_s": (0.5, 3600.0),
+                                           "enroll_expires_h": (0.01, 24.0 * 90)}
 _BOOLS = {"metrics_require_token"}
 _TRUE = ("true", "1", "yes", "on")
 
@@ -150,6 +162,13 @@ def load(path: str | None = None, env: dict[str, str] | None = None, **overrides
             raise ConfigError(f"config: auth_proxy_from: {addr.strip()!r} is not an IP address") from None
     if cfg.dashboard_url is not None and not re.match(r"^https?://[^/\s]+", cfg.dashboard_url):
         raise ConfigError(f"config: dashboard_url: {cfg.dashboard_url!r} must look like https://pantau.example.go.id/")
+    if bool(cfg.tls_cert_file) != bool(cfg.tls_key_file):
+        raise ConfigError("config: tls_cert_file and tls_key_file: give both, or neither")
+    for k in ("dynsec_broker", "agent_broker"):
+        if getattr(cfg, k):
+            parse_broker(getattr(cfg, k), k)
+    if cfg.public_url is not None and not re.match(r"^https://[^/\s]+/?$", cfg.public_url):
+        raise ConfigError(f"config: public_url: {cfg.public_url!r} must look like https://pantau.example.go.id:8443")
     return cfg
 
 

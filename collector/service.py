@@ -53,7 +53,12 @@ class Service:
                                          cfg.share_group, cfg.username, cfg.password, cfg.ca_file,
                                          mqtt_version=cfg.mqtt_version)
         host, port = cfg.http_host_port
-        self.web = WebServer(self.collector, host, port, health=self.health, settings=WebSettings.from_config(cfg))
+        from collector import enroll
+
+        enroll.configure(enroll.EnrollSettings.from_config(cfg))  # enrollment routes and broker accounts
+        tls = (cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
+        self.web = WebServer(self.collector, host, port, health=self.health, settings=WebSettings.from_config(cfg),
+                             tls=tls)
         self._stop = threading.Event()
 
     def start(self) -> None:
@@ -98,10 +103,13 @@ class Service:
                 logging.getLogger(__name__).exception("following the workers failed")
 
     def _maintain(self) -> None:
+        from collector import leases
+
         while not self._stop.wait(10):
             try:
                 self.collector.tick()
                 self.store.roll_up_and_expire(time.time())
+                leases.sweep(self.store)  # loan-out and return snapshots that are due
                 if self.collector.timeseries is not None:
                     self.collector.timeseries.retry_buffer()
             except Exception:

@@ -18,7 +18,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from collector.web import api, auth, reads
+from collector.web import api, auth, enroll, reads
 from collector.web.metrics import health_reasons, metrics_text
 from collector.web.settings import WebSettings
 from collector.web.views import SafeJSONResponse, WebState
@@ -96,6 +96,7 @@ def create_app(collector: Any, settings: WebSettings | None = None,
     app.include_router(auth.router)
     app.include_router(api.router)
     app.include_router(reads.router)
+    app.include_router(enroll.router)  # enrollment, the agent installer, lease snapshots (collector/web/enroll.py)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -34,7 +34,9 @@ from collector.web.views import SafeJSONResponse, WebState
 
 log = logging.getLogger(__name__)
 SESSION_COOKIE = "pantau_session"
-PUBLIC_PATHS = frozenset({"/healthz", "/login", "/login.js", "/style.css", "/favicon.ico"})
+PUBLIC_PATHS = frozenset({"/healthz", "/login", "/login.js", "/style.css", "/favicon.ico", "/install.sh"})
+PUBLIC_PREFIXES = ("/enroll/bundle/",)  # the agent's wheels, for room PCs (collector/web/enroll.py)
+OPEN_POSTS = frozenset({"/api/login", "/enroll"})  # no identity needed: the body carries the credential
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_BODY = 64 * 1024
 _CSRF_SECRET = secrets.token_bytes(32)  # for proxy-header identities (no session row to keep a token in)
@@ -147,9 +149,10 @@ class AuthGate:
             return
         caller = _caller(scope, h, self.st)
         ident, why = await anyio.to_thread.run_sync(resolve, self.st, h, caller)
-        public = path in PUBLIC_PATHS or (path == "/metrics" and not self.st.settings.metrics_require_token)
+        public = (path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+                  or (path == "/metrics" and not self.st.settings.metrics_require_token))
         if method not in SAFE_METHODS:
-            if path != "/api/login" and ident is None:
+            if path not in OPEN_POSTS and ident is None:
                 await _reply(send, 401, why or "sign in first")
                 return
             if not _is_json(h):

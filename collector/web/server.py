@@ -94,7 +94,8 @@ class WebServer:
     """The dashboard and API on ``host:port`` (port 0: any free port; ``address`` says which)."""
 
     def __init__(self, collector: Any, host: str = "127.0.0.1", port: int = 8080,
-                 health: Callable[[], list[str]] | None = None, settings: WebSettings | None = None) -> None:
+                 health: Callable[[], list[str]] | None = None, settings: WebSettings | None = None,
+                 tls: tuple[str, str] | None = None) -> None:
         self.settings = settings or WebSettings()
         limit = raise_nofile_limit()
         max_conn = max(16, min(self.settings.max_connections, limit - FD_RESERVE))
@@ -111,7 +112,9 @@ class WebServer:
         config = uvicorn.Config(self.app, http=_guarded_protocol(self.settings.request_timeout_s, max_conn),
                                 ws="none", lifespan="off", log_config=None, access_log=False, proxy_headers=False,
                                 server_header=False, timeout_keep_alive=self.settings.keep_alive_s,
-                                timeout_graceful_shutdown=5, backlog=1024)
+                                timeout_graceful_shutdown=5, backlog=1024,
+                                ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None)
+        self.tls = tls is not None
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="pantau-http",
                                        daemon=True)
@@ -119,7 +122,8 @@ class WebServer:
     @property
     def address(self) -> str:
         host, port = self.sock.getsockname()[:2]
-        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://[{host}]:{port}/" if ":" in host else f"{scheme}://{host}:{port}/"
 
     def start(self) -> None:
         self.thread.start()

@@ -1,0 +1,274 @@
+"""Enrollment end to end against a real Mosquitto with its dynamic security plugin and the collector's
+web server on HTTPS: `pantau-agent enroll` (a real process) fetches its configuration pinned to the
+certificate; the account it gets publishes on its own topics only; disabling it drops its connection
+and refuses it afterwards; used, expired, unknown tokens and a wrong fingerprint are refused with one
+line and a non-zero exit, and every attempt is audited."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from collector import audit, enroll
+from collector.dynsec import DynsecAdmin
+from collector.ingest import Collector
+from collector.registry import load_toml
+from collector.store.sqlite import SqliteStore
+from collector.web.server import WebServer
+from common.config import parse_broker
+from tests.conftest import ROOT, Mosquitto
+from tests.web_helpers import REGISTRY, token_for
+
+pytestmark = pytest.mark.broker
+PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+ADMIN, ADMIN_PW = "pantau-admin", "admin-pass-123456"
+
+
+def self_signed(d: Path, name: str = "localhost") -> tuple[str, str]:
+    cert, key = d / f"{name}.crt", d / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+class DynsecMosquitto(Mosquitto):
+    """The test Mosquitto with the dynamic security plugin and no anonymous access."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        dyn = self.dir / "dynamic-security.json"
+        subprocess.run(["mosquitto_ctrl", "dynsec", "init", str(dyn), ADMIN, ADMIN_PW], check=True,
+                       capture_output=True)
+        os.chmod(dyn, 0o666)  # the broker runs as user mosquitto and saves changes into it
+        text = self.conf.read_text().replace("allow_anonymous true", "allow_anonymous false")
+        self.conf.write_text(text + f"plugin {PLUGIN}\nplugin_opt_config_file {dyn}\n"
+                             "per_listener_settings false\n")
+
+    def admin(self) -> DynsecAdmin:
+        return DynsecAdmin(parse_broker(self.url), ADMIN, ADMIN_PW)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    if not os.path.exists(PLUGIN):
+        pytest.fail(f"{PLUGIN} is missing: Debian's mosquitto package ships it")
+    broker = DynsecMosquitto().start()
+    cert, key = self_signed(tmp_path)
+    db = str(tmp_path / "pantau.sqlite")
+    audit.configure(db)
+    store = SqliteStore(db)
+    (tmp_path / "registry.toml").write_text(REGISTRY)
+    load_toml(store, str(tmp_path / "registry.toml"))
+    web = WebServer(Collector(store), "127.0.0.1", 0, tls=(cert, key))
+    web.start()
+    url = web.address.rstrip("/")
+    settings = enroll.EnrollSettings(public_url=url, cert_file=cert, dynsec=broker.admin(), agent_broker=broker.url,
+                                     bundle_dir=str(tmp_path / "bundle"))
+    enroll.configure(settings)
+    try:
+        yield {"broker": broker, "store": store, "url": url, "settings": settings, "cert": cert, "dir": tmp_path,
+               "fingerprint": enroll.cert_fingerprint(cert)}
+    finally:
+        enroll.configure(None)
+        web.stop()
+        store.close()
+        broker.close()
+
+
+def agent_enroll(site: dict[str, Any], token: str, name: str = "agent.toml", fingerprint: str | None = None,
+                 *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(site["dir"] / name), "enroll",
+                           site["url"], token, "--fingerprint", fingerprint or site["fingerprint"],
+                           "--state-dir", str(site["dir"] / "state"), *extra],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+class Client:
+    """A paho client that records its connection result, disconnects and PUBACK reason codes."""
+
+    def __init__(self, url: str, username: str, password: str) -> None:
+        b = parse_broker(url)
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pantau-agent-{username}", protocol=mqtt.MQTTv5)
+        self.c.username_pw_set(username, password)
+        self.connack: Any = None
+        self.disconnects: list[str] = []
+        self.acks: dict[int, int] = {}
+        self.got: list[tuple[str, bytes]] = []
+        self.ready = threading.Event()
+        self.c.on_connect = lambda c, u, f, rc, p: (setattr(self, "connack", rc), self.ready.set())
+        self.c.on_disconnect = lambda c, u, f, rc, p: self.disconnects.append(str(rc))
+        self.c.on_publish = lambda c, u, mid, rc, p: self.acks.__setitem__(mid, rc.value)
+        self.c.on_message = lambda c, u, m: self.got.append((m.topic, m.payload))
+        self.c.connect(b.host, b.port)
+        self.c.loop_start()
+        assert self.ready.wait(10), "no CONNACK"
+
+    def publish(self, topic: str, payload: str) -> int:
+        info = self.c.publish(topic, payload, qos=1)
+        end = time.monotonic() + 10
+        while info.mid not in self.acks and time.monotonic() < end:
+            time.sleep(0.02)
+        return self.acks[info.mid]
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def wait_for(pred: Any, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return bool(pred())
+
+
+def audit_actions(store: SqliteStore) -> list[tuple[str, dict[str, Any]]]:
+    return [(r["action"], json.loads(r["detail"])) for r in store.query("SELECT action, detail FROM audit ORDER BY id")]
+
+
+def test_enroll_publishes_own_topics_only_then_disable_drops_it(site: dict[str, Any]) -> None:
+    store, broker = site["store"], site["broker"]
+    t = enroll.new_token(store, "setjen", "r1", 3600, "tester")
+    assert t["agent_id"] == "room-1"  # the room's registered PC
+    assert store.query("SELECT count(*) AS n FROM enroll_tokens WHERE id = ?", (t["token"],))[0]["n"] == 0  # hash only
+
+    r = agent_enroll(site, t["token"])
+    assert r.returncode == 0, r.stderr
+    assert "enrolled as room-1 (unit setjen, room r1)" in r.stdout
+    path = site["dir"] / "agent.toml"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    cfg = tomllib.loads(path.read_text())
+    assert cfg["agent_id"] == cfg["username"] == "room-1"
+    assert cfg["labels"] == {"unit": "setjen", "room": "r1"} and cfg["broker"] == broker.url
+    from agent.config import load as load_agent
+
+    assert load_agent(str(path), env={}).agent_id == "room-1"  # the agent reads what enroll wrote
+
+    watcher = Client(broker.url, ADMIN, ADMIN_PW)  # the admin role receives everything
+    watcher.c.subscribe("pantau/#", qos=1)
+    time.sleep(0.3)
+    agent = Client(broker.url, cfg["username"], cfg["password"])
+    assert agent.connack.value == 0
+    assert agent.publish("pantau/v1/agents/room-1/state", "mine") == 0
+    assert agent.publish("pantau/v1/agents/aula-bpsdm/state", "theirs") == 135  # not authorized
+    assert wait_for(lambda: ("pantau/v1/agents/room-1/state", b"mine") in watcher.got)
+    time.sleep(0.3)
+    assert [t for t, _ in watcher.got] == ["pantau/v1/agents/room-1/state"]
+
+    # disabling: the broker drops the live connection, and refuses it from then on
+    c = subprocess.run([sys.executable, "-m", "collector.cli", "agent", "disable", "room-1", "--reason", "lease ended"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT,
+                       env={**os.environ, "PANTAU_DB": str(site["dir"] / "pantau.sqlite"),
+                            "PANTAU_DYNSEC_USERNAME": ADMIN, "PANTAU_DYNSEC_PASSWORD": ADMIN_PW,
+                            "PANTAU_BROKER": broker.url})
+    assert c.returncode == 0, c.stderr
+    assert c.stdout.strip() == "disabled room-1"
+    assert wait_for(lambda: agent.disconnects), "the broker kept the disabled agent connected"
+    agent.close()
+    again = Client(broker.url, cfg["username"], cfg["password"])
+    assert again.connack.value == 135
+    again.close()
+    watcher.close()
+    acts = [a for a, _ in audit_actions(store)]
+    assert acts == ["enroll.token_created", "agent.enrolled", "agent.disabled"]
+    assert store.query("SELECT disabled_reason FROM agent_accounts")[0]["disabled_reason"] == "lease ended"
+
+
+def test_used_expired_unknown_tokens_and_wrong_fingerprint_are_refused(site: dict[str, Any]) -> None:
+    store = site["store"]
+    t = enroll.new_token(store, "bpsdm", "aula", 3600, "tester")
+    assert agent_enroll(site, t["token"]).returncode == 0
+
+    used = agent_enroll(site, t["token"], "second.toml")
+    assert used.returncode == 2 and used.stderr.count("\n") == 1
+    assert "used already" in used.stderr and not (site["dir"] / "second.toml").exists()
+
+    old = enroll.new_token(store, "bpsdm", "aula", 3600, "tester")
+    with store.tx() as db:  # an hour passes twice
+        db.execute("UPDATE enroll_tokens SET expires_at = ? WHERE used_at IS NULL", (time.time() - 1,))
+    expired = agent_enroll(site, old["token"], "third.toml")
+    assert expired.returncode == 2 and "expired at" in expired.stderr and expired.stderr.count("\n") == 1
+
+    unknown = agent_enroll(site, "pe_" + "x" * 43, "fourth.toml")
+    assert unknown.returncode == 2 and "unknown enrollment token" in unknown.stderr
+
+    fresh = enroll.new_token(store, "bpsdm", "aula", 3600, "tester")
+    wrong = agent_enroll(site, fresh["token"], "fifth.toml", "AB:" * 31 + "CD")
+    assert wrong.returncode == 2 and "does not match the fingerprint" in wrong.stderr
+    assert "token was not sent" in wrong.stderr
+    assert store.query("SELECT used_at FROM enroll_tokens WHERE agent = 'aula-bpsdm' ORDER BY created_at DESC "
+                       "LIMIT 1")[0]["used_at"] is None  # still good: it never left the PC
+
+    refused = [d["reason"] for a, d in audit_actions(store) if a == "enroll.refused"]
+    assert len(refused) == 3
+    assert "used already" in refused[0] and "expired" in refused[1] and refused[2] == "unknown enrollment token"
+    assert audit.verify(store.db)[1] is None  # the chain holds
+
+
+def test_broker_down_leaves_the_token_good(site: dict[str, Any]) -> None:
+    store = site["store"]
+    t = enroll.new_token(store, "setjen", "r1", 3600, "tester")
+    site["broker"].stop()
+    r = agent_enroll(site, t["token"])
+    assert r.returncode == 2 and "could not create the broker account" in r.stderr
+    site["broker"].start()
+    r = agent_enroll(site, t["token"])
+    assert r.returncode == 0, r.stderr
+
+
+def test_operator_api_creates_tokens_and_room_pc_needs_no_account(site: dict[str, Any]) -> None:
+    import httpx
+
+    store = site["store"]
+    op = token_for(store, "ops", "operator")
+    pic = token_for(store, "budi", "pic", "setjen")
+    with httpx.Client(base_url=site["url"], verify=False, timeout=30) as h:
+        refused = h.post("/api/enroll/tokens", json={"unit": "setjen", "room": "r1"},
+                         headers={"Authorization": f"Bearer {pic}"})
+        assert refused.status_code == 403
+        bad = h.post("/api/enroll/tokens", json={"unit": "setjen", "room": "aula"},
+                     headers={"Authorization": f"Bearer {op}"})
+        assert bad.status_code == 400 and "belongs to unit 'bpsdm'" in bad.json()["error"]
+        made = h.post("/api/enroll/tokens", json={"unit": "setjen", "room": "r1", "expires": "2h"},
+                      headers={"Authorization": f"Bearer {op}"})
+        assert made.status_code == 200, made.text
+        body = made.json()
+        assert body["fingerprint"] == site["fingerprint"] and body["collector"] == site["url"]
+        assert f"{site['url']}/install.sh | sudo sh -s -- {body['token']}" in body["commands"]["linux"]
+        assert "--pinnedpubkey sha256//" in body["commands"]["linux"]
+        # the room PC: no account, no cookie; the token is the credential
+        got = h.post("/enroll", json={"token": body["token"]})
+        assert got.status_code == 200 and got.json()["agent_id"] == "room-1" and got.json()["password"]
+        again = h.post("/enroll", json={"token": body["token"]})
+        assert again.status_code == 403 and "used already" in again.json()["error"]
+        script = h.get("/install.sh")
+        assert script.status_code == 200 and site["fingerprint"] in script.text
+        assert h.get("/enroll/bundle/index.txt").status_code == 404  # no bundle built in this test
+        assert h.get("/enroll/bundle/..%2Fpantau.sqlite").status_code == 404
+        assert h.get("/api/enroll/accounts").status_code == 401
+
+
+def test_shell_installer_is_valid_sh(site: dict[str, Any]) -> None:
+    from collector.bundle import install_sh
+
+    script = site["dir"] / "install.sh"
+    script.write_text(install_sh(site["url"], site["fingerprint"]))
+    assert subprocess.run(["sh", "-n", str(script)], capture_output=True).returncode == 0
+    r = subprocess.run(["sh", str(script)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("install.sh: no token")
