@@ -21,7 +21,8 @@ class ReturnBody(BaseModel):
     returned_at: str | None = Field(default=None, max_length=40, description="RFC 3339; default: now")
 
 
-@router.get("/api/devices/{key}/snapshots", summary="A lent device's loan-out and return snapshots, side by side")
+@router.get("/api/loans/{key}/snapshots", summary="A lent device's loan-out and return snapshots, side by side "
+            "(the device page shows them)")
 def device_snapshots(key: str, request: Request, ident: Reading) -> dict[str, Any]:
     r = state_of(request).reader
     out = leases.snapshots(r, key)
