@@ -173,7 +173,8 @@ class SqliteStore:
         with self.lock:
             v = self.schema_version()
             if v > len(MIGRATIONS):
-                raise RuntimeError(f"{self.path} has schema {v}, newer than this collector ({len(MIGRATIONS)})")
+                raise StoreError(f"store: {self.path} has schema {v}, newer than this collector "
+                                 f"({len(MIGRATIONS)}): upgrade the collector, or restore a backup")
             for n in range(v, len(MIGRATIONS)):
                 self.db.executescript(f"BEGIN; {MIGRATIONS[n]}; PRAGMA user_version = {n + 1}; COMMIT;")
 
