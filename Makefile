@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pantau-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bundle clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Pantau needs Python 3.11 or newer")'
@@ -27,6 +27,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/footprint.py
 	$(PY) bench/ingest.py
+
+# The agent's installer bundle (wheels of the agent and its dependencies) the collector serves to room PCs.
+bundle: $(STAMP)
+	$(VENV)/bin/pantau-collector bundle --out $(or $(BUNDLE_DIR),var/bundle)
 
 clean:
 	rm -rf var .pytest_cache

@@ -125,8 +125,10 @@ INSTALL_SH = r"""#!/bin/sh
 set -eu
 COLLECTOR='@COLLECTOR@'
 FINGERPRINT='@FINGERPRINT@'
-PREFIX="${PANTAU_PREFIX:-/opt/pantau-agent}"
+PREFIX="${PANTAU_INSTALL_DIR:-/opt/pantau-agent}"
 CONFIG="${PANTAU_CONFIG:-/etc/pantau/agent.toml}"
+STATE_DIR="${PANTAU_STATE_DIR:-/var/lib/pantau-agent}"
+LOG="${PANTAU_INSTALL_LOG:-/var/log/pantau-agent.log}"
 TOKEN="${1:-}"
 die() { echo "install.sh: $*" >&2; exit 2; }
 [ -n "$TOKEN" ] || die "no token: run it as  curl -fsSL $COLLECTOR/install.sh | sudo sh -s -- TOKEN"
@@ -167,10 +169,15 @@ PY
 PIP=$(ls "$TMP"/pip-*.whl | head -n 1)
 "$PREFIX/bin/python" "$PIP/pip" install --quiet --disable-pip-version-check --no-index --find-links "$TMP" \
   --upgrade 'pantau[agent]' || die "installing the agent's wheels failed"
-"$PREFIX/bin/pantau-agent" --config "$CONFIG" enroll "$COLLECTOR" "$TOKEN" --fingerprint "$FINGERPRINT" \
-  --install --force
-if [ ! -d /run/systemd/system ]; then  # no systemd (a container, a minimal system): run it in the background
-  nohup "$PREFIX/bin/pantau-agent" --config "$CONFIG" run >>/var/log/pantau-agent.log 2>&1 &
-  echo "the agent runs in the background (log: /var/log/pantau-agent.log); have it started at boot"
+if [ -d /run/systemd/system ]; then
+  "$PREFIX/bin/pantau-agent" --config "$CONFIG" enroll "$COLLECTOR" "$TOKEN" --fingerprint "$FINGERPRINT" \
+    --state-dir "$STATE_DIR" --install --force
+else  # no systemd (a container, a minimal system): enroll, then run the agent in the background
+  "$PREFIX/bin/pantau-agent" --config "$CONFIG" enroll "$COLLECTOR" "$TOKEN" --fingerprint "$FINGERPRINT" \
+    --state-dir "$STATE_DIR" --force
+  mkdir -p "$STATE_DIR" && chmod 700 "$STATE_DIR"
+  PANTAU_STATE_DIR="$STATE_DIR" nohup "$PREFIX/bin/pantau-agent" --config "$CONFIG" run >>"$LOG" 2>&1 &
+  echo "$!" > "$STATE_DIR/agent.pid"
+  echo "no systemd: the agent runs in the background (pid $!, log $LOG); have it started at boot"
 fi
 """
