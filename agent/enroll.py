@@ -91,7 +91,8 @@ def fetch(url: str, token: str, fingerprint: bytes, timeout_s: float = 30.0) -> 
 
 
 def _toml_str(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    """A TOML basic string: JSON's escapes are TOML's, except that TOML also refuses a raw DEL."""
+    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def render_config(answer: dict[str, Any], ca_path: str | None, state_dir: str) -> str:

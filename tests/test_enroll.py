@@ -176,3 +176,48 @@ def test_shell_installer_is_valid_sh(site: dict[str, Any]) -> None:
     assert subprocess.run(["sh", "-n", str(script)], capture_output=True).returncode == 0
     r = subprocess.run(["sh", str(script)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("install.sh: no token")
+
+
+def test_the_unit_enroll_installs_is_the_shipped_one() -> None:
+    from agent.enroll import unit_text
+
+    shipped = (ROOT / "deploy" / "systemd" / "pantau-agent.service").read_text()
+    assert unit_text("/opt/pantau-agent/bin/pantau-agent", "/etc/pantau/agent.toml", "/var/lib/pantau-agent") == shipped
+
+
+def test_what_the_collector_sends_is_checked_before_it_is_written(tmp_path: Path) -> None:
+    from agent.enroll import EnrollFailed, parse_fingerprint, render_config, write_files
+
+    hostile = "a\"b\\c\nd\x7fe\x00f ' = [x]"
+    good = {"agent_id": "room-1", "broker": "mqtts://b.example:8883", "username": "room-1", "password": hostile,
+            "labels": {"unit": "setjen", "room": hostile}, "prefix": "pantau"}
+    cfg = tomllib.loads(render_config(good, None, "/var/lib/pantau-agent"))
+    assert cfg["password"] == hostile and cfg["labels"]["room"] == hostile and cfg["agent_id"] == "room-1"
+    for bad, why in ((dict(good, agent_id="../etc"), "agent id"), (dict(good, broker="http://x"), "broker"),
+                     (dict(good, labels={"a b": "x"}), "labels"), (dict(good, password=5), "non-text"),
+                     (dict(good, agent_id=None), "agent id")):
+        with pytest.raises(EnrollFailed, match=why):
+            render_config(bad, None, "/s")
+    with pytest.raises(EnrollFailed, match="PEM"):
+        write_files(dict(good, ca="not a certificate"), str(tmp_path / "a.toml"), "/s")
+    assert not (tmp_path / "a.toml").exists()
+    assert parse_fingerprint("SHA256:" + "ab:" * 31 + "CD") == bytes.fromhex("ab" * 31 + "cd")
+    for bad_fp in ("", "ab" * 31, "zz" * 32, "ab" * 33):
+        with pytest.raises(EnrollFailed, match="64 hex digits"):
+            parse_fingerprint(bad_fp)
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "PANTAU_DB": str(tmp_path / "p.sqlite")}
+    audit.configure(str(tmp_path / "p.sqlite"))  # its key exists already (its creation is logged once)
+    for args, expect in ((["enroll", "--unit", "nope", "--room", "r1"], "unit 'nope' is not in the registry"),
+                         (["enroll", "--unit", "x", "--room", "y", "--expires", "forever"], "give a duration"),
+                         (["agent", "disable", "room-1"], "manages no broker accounts"),
+                         (["agent", "disable", "BAD ID"], "1-64 characters")):
+        r = subprocess.run([sys.executable, "-m", "collector.cli", *args], capture_output=True, text=True,
+                           timeout=60, cwd=ROOT, env=env)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and expect in r.stderr, (args, r.stderr)
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(tmp_path / "a.toml"), "enroll",
+                        "http://127.0.0.1:1", "pe_x", "--fingerprint", "AB" * 32], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and "must look like https://" in r.stderr and r.stderr.count("\n") == 1
