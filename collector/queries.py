@@ -44,6 +44,8 @@ _NAMED = f"""
 SELECT p.*, u.name AS unit_name, u.pic_name AS pic_name, rm.name AS room_name
 FROM ({PLACED_SQL}) p LEFT JOIN units u ON u.id = p.unit LEFT JOIN rooms rm ON rm.id = p.room
 """
+_PLAIN = """SELECT *, coalesce(decided_cause, cause) AS effective_cause,
+                  coalesce(decided_responsible, responsible) AS effective_responsible FROM incidents"""
 SORTS = {"opened_at": "opened_at", "resolved_at": "resolved_at", "kind": "kind", "status": "status",
          "cause": "effective_cause", "responsible": "effective_responsible", "unit": "unit_name", "room": "room_name",
          "device": "device", "agent": "agent", "rule": "rule"}
@@ -120,10 +122,16 @@ class IncidentQuery:
             sql.append("opened_at < ?")
             args.append(until)
         if self.q and self.q.strip():
+            # the incident's own text, or the room PC or device of a room, unit or PIC whose names match
             needle = self.q.strip().lower()[:100]
-            cols = ("device", "agent", "summary", "unit", "unit_name", "pic_name", "room", "room_name", "id")
-            sql.append("(" + " OR ".join(f"instr(lower(coalesce({c}, '')), ?) > 0" for c in cols) + ")")
-            args += [needle] * len(cols)
+            own = " OR ".join(f"instr(lower({c}), ?) > 0" for c in ("device", "agent", "summary", "id"))
+            named = ("SELECT id FROM units WHERE instr(lower(id), ?) > 0 OR instr(lower(name), ?) > 0 "
+                     "OR instr(lower(coalesce(pic_name, '')), ?) > 0")
+            rooms = "SELECT id FROM rooms WHERE instr(lower(id), ?) > 0 OR instr(lower(name), ?) > 0"
+            lent = f"SELECT device FROM loans WHERE unit IN ({named}) OR room IN ({rooms})"
+            sql.append(f"({own} OR agent IN (SELECT agent FROM rooms WHERE unit IN ({named}) OR id IN ({rooms})) "
+                       f"OR device IN ({lent}) OR substr(device, 11) IN ({lent}))")
+            args += [needle] * (4 + 5 + 5 + 5)
         return " AND ".join(sql), args
 
     def order_by(self) -> str:
@@ -132,7 +140,10 @@ class IncidentQuery:
             raise QueryError(f"sort: must be one of {', '.join(SORTS)}")
         if self.order not in ("asc", "desc"):
             raise QueryError("order: must be asc or desc")
-        return f"{col} IS NULL, {col} {self.order.upper()}, id {self.order.upper()}"
+        way = self.order.upper()
+        if col == "opened_at":  # the index's own order (ties in insertion order): no sort of every match
+            return f"opened_at {way}"
+        return f"{col} IS NULL, {col} {way}, opened_at {way}"
 
 
 def incident_page(r: Queryable, q: IncidentQuery) -> tuple[list[dict[str, Any]], int]:
@@ -143,7 +154,9 @@ def incident_page(r: Queryable, q: IncidentQuery) -> tuple[list[dict[str, Any]],
         raise QueryError("offset: must be 0 or more")
     where, args = q.where()
     base = f"SELECT * FROM ({_NAMED}) WHERE {where}"
-    total = int(r.query(f"SELECT count(*) AS n FROM ({base})", args)[0]["n"])
+    # counting needs where an incident belongs only when the unit filter asks for it
+    plain = f"SELECT * FROM ({_PLAIN}) WHERE {where}" if not q.unit else base
+    total = int(r.query(f"SELECT count(*) AS n FROM ({plain})", args)[0]["n"])
     rows = r.query(f"{base} ORDER BY {q.order_by()} LIMIT ? OFFSET ?", [*args, q.limit, q.offset])
     return [incident_row(x) for x in rows], total
 
@@ -358,9 +371,11 @@ def choose_step(t0: float, t1: float, step: str | None) -> int:
             return 300
         if step in ("3600", "1h"):
             return 3600
-        raise QueryError("step: must be raw, 5m (300), 1h (3600) or auto")
+        if step in ("86400", "1d"):
+            return 86400
+        raise QueryError("step: must be raw, 5m (300), 1h (3600), 1d (86400) or auto")
     span = t1 - t0
-    return 0 if span <= 3 * 3600 else 300 if span <= 2 * 86400 else 3600
+    return 0 if span <= 3 * 3600 else 300 if span <= 2 * 86400 else 3600 if span <= 45 * 86400 else 86400
 
 
 def series(r: Queryable, agent: str, device: str, metrics: tuple[str, ...], t0: float, t1: float,
@@ -383,9 +398,11 @@ def series(r: Queryable, agent: str, device: str, metrics: tuple[str, ...], t0: 
                     out[m].append([x["ts"], v, v, v, 1])
         return out
     marks = ",".join("?" * len(metrics))
-    rows = r.query(f"SELECT metric, bucket, n, sum, min, max FROM rollup WHERE res = ? AND agent = ? AND device = ? "
-                   f"AND metric IN ({marks}) AND bucket >= ? AND bucket < ? ORDER BY metric, bucket",
-                   [step, agent, device, *metrics, int(t0 // step * step), t1])
+    res = min(step, 3600)  # days are summed from the hourly rollups
+    rows = r.query(f"SELECT metric, CAST(bucket / ? AS INTEGER) * ? AS bucket, sum(n) AS n, sum(sum) AS sum, "
+                   f"min(min) AS min, max(max) AS max FROM rollup WHERE res = ? AND agent = ? AND device = ? "
+                   f"AND metric IN ({marks}) AND bucket >= ? AND bucket < ? GROUP BY 1, 2 ORDER BY 1, 2",
+                   [step, step, res, agent, device, *metrics, int(t0 // step * step), t1])
     for x in rows:
         n = x["n"] or 0
         out[x["metric"]].append([x["bucket"], (x["sum"] / n) if n else None, x["min"], x["max"], n])

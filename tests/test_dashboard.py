@@ -86,7 +86,14 @@ def incident_rows(page: Any) -> set[str]:
     return set(page.eval_on_selector_all("#incidents tbody tr[data-id]", "rs => rs.map(r => r.dataset.id)"))
 
 
+def tab(page: Any, name: str) -> None:
+    """The overview shows rooms or incidents (both fit a screen): pick one, wait for its rows."""
+    page.click(f"#tab-{name}")
+    page.wait_for_selector("#rooms tbody tr[data-agent]" if name == "rooms" else "#incidents tbody tr[data-id]")
+
+
 def open_incident(page: Any, iid: str) -> None:
+    tab(page, "incidents")
     page.locator(f"#incidents tr[data-id='{iid}'] a").first.click()
     page.wait_for_selector("#d-evidence")
 
@@ -102,10 +109,11 @@ def test_each_role_in_chromium(site: Site, browser: Any, tmp_path: Path) -> None
 
     # -- viewer: reads everything, changes nothing; USB strings are text; the wrong clock is flagged
     page = sign_in(browser, site, "dewi")
-    page.wait_for_selector("#incidents tbody tr[data-id]")
+    tab(page, "incidents")
     assert incident_rows(page) == {cam, spk_b, evil}
-    assert XSS["product"] in page.locator("#rooms").inner_text()
     assert XSS["serial"] in page.locator("#incidents").inner_text()
+    tab(page, "rooms")
+    assert XSS["product"] in page.locator("#rooms").inner_text()
     assert page.evaluate("window.__xss") is None  # the CSP would stop inline handlers too: so also
     assert page.locator("#rooms img, #incidents img, main script").count() == 0  # no element was made
     assert page.locator("#rooms tr[data-agent='room-1'] .clock-off").count() == 1
@@ -119,7 +127,6 @@ def test_each_role_in_chromium(site: Site, browser: Any, tmp_path: Path) -> None
     page.wait_for_selector("article.device")
     assert XSS["vendor"] in page.locator("main").inner_text() and page.evaluate("window.__xss") is None
     page.goto(site.url + "#/")
-    page.wait_for_selector("#incidents tbody tr[data-id]")
     open_incident(page, evil)
     assert XSS["serial"] in page.locator("#d-title").inner_text() and page.evaluate("window.__xss") is None
     assert not page.locator("#d-override").is_visible() and not page.locator("#d-ack").is_visible()
@@ -135,7 +142,7 @@ def test_each_role_in_chromium(site: Site, browser: Any, tmp_path: Path) -> None
 
     # -- PIC of BPSDM: only their unit, whatever they ask; may comment and report handling, not override
     page = sign_in(browser, site, "citra")
-    page.wait_for_selector("#incidents tbody tr[data-id]")
+    tab(page, "incidents")
     assert incident_rows(page) == {spk_b}
     assert page.eval_on_selector_all("#rooms tbody tr", "rs => rs.map(r => r.dataset.agent)") == ["aula-bpsdm"]
     assert not page.locator("#unit-box").is_visible()
@@ -160,7 +167,7 @@ def test_each_role_in_chromium(site: Site, browser: Any, tmp_path: Path) -> None
 
     # -- operator: the language switch, the unit filter, override and acknowledge
     page = sign_in(browser, site, "ani")
-    page.wait_for_selector("#incidents tbody tr[data-id]")
+    tab(page, "incidents")
     text = page.locator("#incidents").inner_text()
     assert "Kerusakan perangkat" in text and "Kerusakan karena penanganan" in text  # Indonesian by default
     assert "Sekretariat Jenderal" in text and "Budi" in text
@@ -187,7 +194,7 @@ def test_each_role_in_chromium(site: Site, browser: Any, tmp_path: Path) -> None
     page.wait_for_function("() => document.querySelector('#d-history').innerText.includes('ani: Acknowledged')")
     assert not page.locator("#d-ack").is_visible()
     page.goto(site.url + "#/")
-    page.wait_for_selector(f"button.report[data-device='{SPK['key']}'][data-agent='room-1']")
+    tab(page, "rooms")
     page.locator(f"button.report[data-device='{SPK['key']}'][data-agent='room-1']").click()
     page.fill("#r-note", "speaker ditarik saat rapat")
     page.check("#r-confirm")
@@ -197,7 +204,7 @@ def test_each_role_in_chromium(site: Site, browser: Any, tmp_path: Path) -> None
 
     # -- admin: everything, then sign out
     page = sign_in(browser, site, "root")
-    page.wait_for_selector("#incidents tbody tr[data-id]")
+    tab(page, "incidents")
     assert incident_rows(page) == {cam, spk_b, evil} and page.locator("#who").inner_text().startswith("root")
     page.click("#logout")
     page.wait_for_url("**/login")

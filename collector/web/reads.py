@@ -33,6 +33,27 @@ def _scope(ident: Identity, unit: str | None) -> str | None:
     return ident.user.unit if ident.user.scoped else (unit or None)
 
 
+SNAPSHOT_TTL_S = 3.0  # what only telemetry changes (in use, last heard) may be this old; events never
+
+
+def _rooms(st: WebState, unit: str | None) -> list[dict[str, Any]]:
+    """The fleet's rooms now, computed once for the overview's counts and its rooms table alike, and again as
+    soon as evidence, an incident or the audit chain (registry changes) moves."""
+    mark = st.reader.query("SELECT (SELECT max(id) FROM evidence) AS e, (SELECT max(updated_at) FROM incidents) "
+                           "AS i, (SELECT max(id) FROM audit) AS a")[0]
+    key = (unit, mark["e"], mark["i"], mark["a"])
+    cache: dict[str | None, tuple[Any, float, list[dict[str, Any]]]] = st.__dict__.setdefault("snapshots", {})
+    hit = cache.get(unit)
+    now = time.monotonic()
+    if hit is not None and hit[0] == key and now - hit[1] < SNAPSHOT_TTL_S:
+        return hit[2]
+    rooms = fleet.snapshot(st.reader, unit, st.settings.fleet)
+    if len(cache) > 64:
+        cache.clear()
+    cache[unit] = (key, now, rooms)
+    return rooms
+
+
 def _bad(exc: Exception) -> HTTPException:
     return HTTPException(400, str(exc))
 
@@ -70,7 +91,7 @@ def overview(request: Request, ident: Reading, unit: str | None = None) -> Respo
     started = time.perf_counter()
     st = state_of(request)
     only = _scope(ident, unit)
-    rooms = fleet.snapshot(st.reader, only, st.settings.fleet)
+    rooms = _rooms(st, only)
     body = {"unit": only, "fleet": fleet.totals(rooms), "incidents": queries.incident_counts(st.reader, only),
             "at": format_epoch(time.time())}
     return SafeJSONResponse(body, headers={"Server-Timing": f"db;dur={(time.perf_counter() - started) * 1000:.1f}"})
@@ -83,7 +104,7 @@ def rooms_now(request: Request, ident: Reading, unit: str | None = None, q: str 
               offset: int = Offset) -> Response:
     started = time.perf_counter()
     st = state_of(request)
-    rooms = fleet.snapshot(st.reader, _scope(ident, unit), st.settings.fleet)
+    rooms = _rooms(st, _scope(ident, unit))
     try:
         rows = fleet.sort_rooms([r for r in rooms if fleet.room_matches(r, q, status, kind, model)], sort, order)
     except ValueError as exc:

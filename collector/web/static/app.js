@@ -12,9 +12,10 @@ const $ = (id) => document.getElementById(id);
 const view = $("view");
 let me = null, meta = null, route = {name: "", args: []}, renderSeq = 0;
 const can = (p) => Boolean(me && me.user.permissions.includes(p));
-const ui = {rooms: {q: "", status: "", kind: "", sort: "problems", order: "desc", offset: 0, limit: 25},
+const ui = {tab: localStorage.getItem("pantau.tab") === "incidents" ? "incidents" : "rooms",
+            rooms: {q: "", status: "", kind: "", sort: "problems", order: "desc", offset: 0, limit: 10},
             inc: {q: "", status: "open", cause: "", kind: "", model: "", since: "", until: "", sort: "opened_at",
-                  order: "desc", offset: 0, limit: 25}, range: "day", unit: ""};
+                  order: "desc", offset: 0, limit: 15}, range: "day", unit: ""};
 
 // ---------------------------------------------------------------- names and times
 const causeName = (c) => (meta && meta.causes[lang][c]) || c || "";
@@ -110,14 +111,16 @@ async function renderOverview() {
   const mine = ++renderSeq;
   if (!$("ov")) {
     view.innerHTML = `<section id="ov"><div id="counts" class="counts">${esc(t("loading"))}</div>
-      <h2>${esc(t("rooms"))}</h2>
+      <div class="tabs" role="tablist"><button type="button" role="tab" id="tab-rooms" data-tab="rooms">${esc(t("rooms"))} <span></span></button>
+        <button type="button" role="tab" id="tab-incidents" data-tab="incidents">${esc(t("incidents"))} <span></span></button></div>
+      <section id="sec-rooms" ${ui.tab === "rooms" ? "" : "hidden"}>
       <div class="filters" id="rooms-filters">
         <input id="rooms-q" type="search" placeholder="${esc(t("search"))}" value="${esc(ui.rooms.q)}">
         <select id="rooms-status">${options(["missing", "error", "in_use", "offline", "offline_long", "clock", "ok"].map((s) => [s, t(s === "clock" ? "clocks_off" : s)]), ui.rooms.status, t("all_status"))}</select>
         <select id="rooms-kind">${options(["camera", "speakerphone", "speaker", "microphone"].map((k) => [k, kindName(k)]), ui.rooms.kind, t("all_kinds"))}</select>
       </div>
-      <div id="rooms-box"></div>
-      <h2>${esc(t("incidents"))}</h2>
+      <div id="rooms-box"></div></section>
+      <section id="sec-incidents" ${ui.tab === "incidents" ? "" : "hidden"}>
       <div class="filters" id="inc-filters">
         <input id="inc-q" type="search" placeholder="${esc(t("search_inc"))}" value="${esc(ui.inc.q)}">
         <select id="inc-status">${options(["open", "resolved", "withdrawn", "all"].map((s) => [s, t(s === "all" ? "all" : s)]), ui.inc.status, t("all_status"))}</select>
@@ -127,13 +130,23 @@ async function renderOverview() {
         <label>${esc(t("from"))} <input id="inc-since" type="date" value="${esc(ui.inc.since)}"></label>
         <label>${esc(t("to"))} <input id="inc-until" type="date" value="${esc(ui.inc.until)}"></label>
       </div>
-      <div id="inc-box"></div></section>`;
+      <div id="inc-box"></div></section></section>`;
     wireOverview();
   }
   await Promise.all([loadCounts(mine), loadRooms(mine), loadIncidents(mine)]);
 }
 
+function showTab(tab) {
+  ui.tab = tab;
+  localStorage.setItem("pantau.tab", tab);
+  $("sec-rooms").hidden = tab !== "rooms";
+  $("sec-incidents").hidden = tab !== "incidents";
+  document.querySelectorAll(".tabs button").forEach((b) => b.classList.toggle("on", b.dataset.tab === tab));
+}
+
 function wireOverview() {
+  showTab(ui.tab);
+  document.querySelectorAll(".tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
   let timer = null;
   const later = (fn) => { clearTimeout(timer); timer = setTimeout(fn, 250); };
   $("rooms-q").addEventListener("input", (e) => { ui.rooms.q = e.target.value; ui.rooms.offset = 0; later(() => loadRooms(renderSeq)); });
@@ -177,6 +190,7 @@ async function loadRooms(mine) {
   const st = ui.rooms;
   const [rows, total] = await getJSON("/api/fleet?" + qs({unit: unitParam(), q: st.q, status: st.status, kind: st.kind, sort: st.sort, order: st.order, limit: st.limit, offset: st.offset}));
   if (mine !== renderSeq || !$("rooms-box")) return;
+  $("tab-rooms").querySelector("span").textContent = `(${total})`;
   const report = can("handling");
   $("rooms-box").innerHTML = `<table id="rooms" class="cards"><thead><tr>${sortHead(st, "room", t("room"))}${sortHead(st, "unit", t("unit"))}
       <th>${esc(t("pic"))}</th>${sortHead(st, "state", t("state"))}${sortHead(st, "problems", t("devices"))}${sortHead(st, "last_seen", t("last_seen"))}<th>${esc(t("clock"))}</th></tr></thead><tbody>` +
@@ -205,6 +219,7 @@ async function loadIncidents(mine) {
   const [rows, total] = await getJSON("/api/incidents?" + qs({unit: unitParam(), q: st.q, status: st.status, cause: st.cause, kind: st.kind, model: st.model,
     since: localDateToUtc(st.since, false), until: localDateToUtc(st.until, true), sort: st.sort, order: st.order, limit: st.limit, offset: st.offset}));
   if (mine !== renderSeq || !$("inc-box")) return;
+  $("tab-incidents").querySelector("span").textContent = `(${total})`;
   $("inc-box").innerHTML = `<table id="incidents" class="cards"><thead><tr>${sortHead(st, "opened_at", t("opened"))}${sortHead(st, "device", t("device"))}
       ${sortHead(st, "kind", t("kind"))}${sortHead(st, "cause", t("cause"))}${sortHead(st, "responsible", t("responsible"))}${sortHead(st, "unit", t("unit"))}
       <th>${esc(t("pic"))}</th>${sortHead(st, "status", t("status"))}</tr></thead><tbody>` +
