@@ -291,7 +291,7 @@ async function hostChart(agent, mine) {
   const pts = (m) => h.series[m].map((p) => [p[0], p[1]]);
   $("host-chart").innerHTML = Chart.lines([{name: "CPU %", cls: "c1", points: pts("cpu_pct")}, {name: "mem %", cls: "c2", points: pts("mem_pct")},
     {name: "disk %", cls: "c3", points: pts("disk_pct")}, {name: "°C", cls: "c4", points: pts("temp_c")}], t0, t1,
-    {max: 100, step: h.step || 30, fmtTime: fmtShort, title: `${t("chart_host")} (${t("host_hint")})`});
+    {max: 100, step: h.step || 30, fmtTime: fmtShort, title: `${t("chart_host")} (${t("host_hint")})`, width: $("host-chart").clientWidth - 8});
 }
 
 // ---------------------------------------------------------------- device
@@ -328,10 +328,11 @@ async function deviceChart(box, key, agent, t0, t1, mine, withEvents) {
   const bands = h.incidents.map((i) => ({t0: toMs(i.opened_at) / 1000, t1: i.resolved_at ? toMs(i.resolved_at) / 1000 : t1,
     cls: `k-${i.kind}`, title: `${t(i.kind)} · ${causeName(i.effective_cause)} (${i.rule})`}));
   const speeds = ["low", "full", "high", "super", "super+"];
+  const width = box.clientWidth - 8;
   let html = Chart.strip([{label: t("present"), cls: "s-present", points: frac("present")}, {label: t("in_use"), cls: "s-in_use", points: frac("in_use")},
-    {label: t("error"), cls: "s-error", points: errs.map((p) => [p[0], 1])}], bands, t0, t1, {step, fmtTime: fmtShort, title: t("chart_state")});
-  html += Chart.bars(h.errors, t0, t1, {step, fmtTime: fmtShort, title: t("chart_errors"), cls: "s-error"});
-  html += Chart.lines([{name: "", cls: "c1", points: frac("speed_rank")}], t0, t1, {max: 4, step, fmtTime: fmtShort, title: t("chart_speed"), fmt: (v) => speeds[Math.round(v)] || ""});
+    {label: t("error"), cls: "s-error", points: errs.map((p) => [p[0], 1])}], bands, t0, t1, {step, fmtTime: fmtShort, title: t("chart_state"), width});
+  html += Chart.bars(h.errors, t0, t1, {step, fmtTime: fmtShort, title: t("chart_errors"), cls: "s-error", width});
+  html += Chart.lines([{name: "", cls: "c1", points: frac("speed_rank")}], t0, t1, {max: 4, step, fmtTime: fmtShort, title: t("chart_speed"), fmt: (v) => speeds[Math.round(v)] || "", width, height: 100});
   if (!s.present.length && !h.errors.length) html = `<p>${esc(t("no_data"))}</p>` + html;
   if (withEvents && h.events.length) {
     html += `<h4>${esc(t("events"))}</h4><ul class="events">${h.events.slice(0, 30).map((e) => `<li>${esc(fmt(e.ts, true))} ${esc(t(e.type))} ${esc(e.code || "")} ${e.in_use ? esc(t("in_use_yes")) : ""}</li>`).join("")}</ul>`;

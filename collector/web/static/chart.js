@@ -1,16 +1,20 @@
 "use strict";
 // A tiny chart library of our own (no CDN): SVG strings from numbers. Only numbers and esc()'d text go in.
 window.PantauChart = (() => {
-  const W = 720, PAD_L = 44, PAD_R = 8, PAD_T = 8, PAD_B = 22;
+  // drawn at the width it is shown at (opts.width), so its text stays 10 px on a phone too
+  let W = 720, PAD_L = 44;
+  const PAD_R = 8, PAD_T = 8, PAD_B = 22;
+  const size = (opts, pad) => { W = Math.max(300, Math.round(opts.width || 720)); PAD_L = pad; };
   const escT = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;","'":"&#39;"}[c]));
   const num = (v) => (Number.isFinite(v) ? Math.round(v * 10) / 10 : 0);
 
   function frame(t0, t1, h, fmtTime, yTicks) {
     const x = (t) => PAD_L + (W - PAD_L - PAD_R) * (t - t0) / Math.max(1, t1 - t0);
     let s = `<line class="axis" x1="${PAD_L}" y1="${h - PAD_B}" x2="${W - PAD_R}" y2="${h - PAD_B}"/>`;
-    for (let i = 0; i <= 4; i++) {
-      const t = t0 + (t1 - t0) * i / 4;
-      const anchor = i === 0 ? "start" : i === 4 ? "end" : "middle";
+    const n = W < 560 ? 2 : 4;
+    for (let i = 0; i <= n; i++) {
+      const t = t0 + (t1 - t0) * i / n;
+      const anchor = i === 0 ? "start" : i === n ? "end" : "middle";
       s += `<text class="tick" x="${num(x(t))}" y="${h - 6}" text-anchor="${anchor}">${escT(fmtTime(t))}</text>`;
     }
     for (const [y, label] of yTicks) {
@@ -22,6 +26,7 @@ window.PantauChart = (() => {
 
   // series: [{name, cls, points: [[t, v], ...]}]; gaps longer than 2.5 steps break the line
   function lines(series, t0, t1, opts) {
+    size(opts, 44);
     const h = opts.height || 160, step = Math.max(1, opts.step || 30), top = opts.max ?? Math.max(1, ...series.flatMap((s) => s.points.map((p) => p[1] || 0)));
     const y = (v) => PAD_T + (h - PAD_T - PAD_B) * (1 - Math.min(1, Math.max(0, v / top)));
     const ticks = [[y(0), "0"], [y(top / 2), opts.fmt ? opts.fmt(top / 2) : num(top / 2)], [y(top), opts.fmt ? opts.fmt(top) : num(top)]];
@@ -40,6 +45,7 @@ window.PantauChart = (() => {
   }
 
   function bars(points, t0, t1, opts) {
+    size(opts, 44);
     const h = opts.height || 110, step = Math.max(1, opts.step || 300), top = Math.max(1, ...points.map((p) => p[1]));
     const y = (v) => PAD_T + (h - PAD_T - PAD_B) * (1 - v / top);
     const [x, s0] = frame(t0, t1, h, opts.fmtTime, [[y(0), "0"], [y(top), num(top)]]);
@@ -54,6 +60,7 @@ window.PantauChart = (() => {
 
   // rows: [{label, cls, points: [[t, fraction 0..1], ...]}]; bands: [{t0, t1, cls, title}]
   function strip(rows, bands, t0, t1, opts) {
+    size(opts, 84);
     const rowH = 16, h = PAD_T + rows.length * (rowH + 4) + PAD_B;
     const [x, s0] = frame(t0, t1, h, opts.fmtTime, []);
     let s = s0;
