@@ -1,0 +1,255 @@
+"""Notifications against real servers: aiosmtpd for mail, local HTTP servers for webhooks (one that
+answers, one that trickles a byte every 5 s, one that never answers). Incidents come from the real
+pipeline (Collector on a SQLite file, events from tests.builder)."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import socketserver
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collector.ingest import Collector, Inbound
+from collector.notify import Notifier, NotifyConfig, header_safe
+from collector.registry import load_toml
+from collector.store.sqlite import SqliteStore
+from tests.builder import Agent, device
+from tests.conftest import free_port
+from tests.procs import wait_until
+
+REGISTRY = """
+[[units]]
+id = "setjen"
+name = "Sekretariat Jenderal"
+pic = { name = "Budi", email = "budi@setjen.example", phone = "0812" }
+rooms = [{ id = "r1", name = "Ruang Sidang", agent = "room-1" }]
+"""
+
+
+def feed(c: Collector, a: Agent, start: int = 0) -> int:
+    for line in a.lines[start:]:
+        rec = json.loads(line)
+        c.ingest([Inbound(rec["topic"], json.dumps(rec["payload"]).encode(), time.time())])
+    c.tick()
+    return len(a.lines)
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[Collector]:
+    store = SqliteStore(str(tmp_path / "c.sqlite"))
+    reg = tmp_path / "registry.toml"
+    reg.write_text(REGISTRY)
+    load_toml(store, str(reg))
+    yield Collector(store)
+    store.close()
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[list[Any], int]]:
+    from aiosmtpd.controller import Controller
+
+    mails: list[Any] = []
+
+    class Handler:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            mails.append(envelope)
+            return "250 OK"
+
+    port = free_port()
+    ctl = Controller(Handler(), hostname="127.0.0.1", port=port)
+    ctl.start()
+    yield mails, port
+    ctl.stop()
+
+
+class Hooks:
+    """Webhook servers: ``ok`` answers 204; ``trickle`` sends its answer one byte every 5 s;
+    ``silent`` reads the request and never answers."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.connections = {"trickle": 0, "silent": 0}
+        self.stop = threading.Event()
+        self.servers: list[socketserver.BaseServer] = []
+
+    def start(self, kind: str) -> str:
+        hooks = self
+
+        class Ok(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                hooks.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        class Slow(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                hooks.connections[kind] += 1
+                self.request.recv(65536)
+                answer = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
+                for i in range(len(answer)):
+                    if kind == "trickle":
+                        try:
+                            self.request.send(answer[i:i + 1])
+                        except OSError:
+                            return
+                    if hooks.stop.wait(5.0):
+                        return
+
+        srv: socketserver.BaseServer
+        if kind == "ok":
+            srv = ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+        else:
+            srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Slow)
+        srv.daemon_threads = True
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        self.servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}/hook"
+
+    def close(self) -> None:
+        self.stop.set()
+        for s in self.servers:
+            s.shutdown()
+            s.server_close()
+
+
+@pytest.fixture
+def hooks() -> Iterator[Hooks]:
+    h = Hooks()
+    yield h
+    h.close()
+
+
+def incident(collector: Collector, agent: str = "room-1", key: str = "046d:085e:CAM1") -> str:
+    a = Agent(agent).started()
+    a.error(30, device(key), "video.stream_error")
+    feed(collector, a)
+    rows = collector.store.query("SELECT id FROM incidents WHERE agent = ? AND device = ?", (agent, key))
+    assert rows, "no incident opened"
+    return str(rows[0]["id"])
+
+
+def deliveries(store: SqliteStore, channel: str) -> list[dict[str, Any]]:
+    return store.query("SELECT * FROM notify_delivery WHERE channel = ? ORDER BY id", (channel,))
+
+
+def notifier(collector: Collector, smtp_port: int, hook: str, **kw: Any) -> Notifier:
+    cfg = NotifyConfig(smtp_host="127.0.0.1", smtp_port=smtp_port, central_it=["pusdatin@example.go.id"],
+                       webhook_url=hook, delay_s=0.2, **kw)
+    n = Notifier(collector.store, cfg)
+    collector.book.listeners.append(n.on_incident)
+    return n
+
+
+def test_a_trickling_webhook_stalls_neither_mail_nor_ingest(collector: Collector, smtp: Any, hooks: Hooks) -> None:
+    mails, port = smtp
+    n = notifier(collector, port, hooks.start("trickle"), total_timeout_s=7.0, retry_base_s=30)
+    n.start()
+    try:
+        t0 = time.monotonic()
+        incident(collector, "room-1")
+        incident(collector, "room-2", "046d:085e:CAM2")
+        wait_until(lambda: len(mails) == 2, 5, what="both mails while the webhook trickles")
+        assert time.monotonic() - t0 < 4
+        wait_until(lambda: hooks.connections["trickle"] >= 1, 5)
+        # ingest and classification go on while the webhook channel is stuck
+        t1 = time.monotonic()
+        incident(collector, "room-3", "046d:085e:CAM3")
+        assert time.monotonic() - t1 < 1.0
+        wait_until(lambda: len(mails) == 3, 5, what="the third mail")
+        # the total deadline cuts the trickle (a byte every 5 s never trips a per-read timeout)
+        failed = wait_until(lambda: [d for d in deliveries(collector.store, "webhook") if d["attempts"]], 12,
+                            what="the first webhook attempt to end")
+        assert failed[0]["last_error"].startswith("TimeoutError: no complete answer within 7 s")
+        assert 6.5 < time.monotonic() - t0 < 11
+        assert [d["state"] for d in deliveries(collector.store, "email")] == ["sent"] * 3
+    finally:
+        n.stop()
+
+
+def test_a_webhook_that_never_answers_does_not_resend_the_mail(collector: Collector, smtp: Any,
+                                                               hooks: Hooks) -> None:
+    mails, port = smtp
+    hook = hooks.start("silent")
+    n = notifier(collector, port, hook, total_timeout_s=0.5, retry_base_s=0.2, retry_max_s=0.4)
+    n.start()
+    try:
+        incident(collector)
+        wait_until(lambda: hooks.connections["silent"] >= 4, 20, what="four webhook attempts")
+        assert len(mails) == 1
+    finally:
+        n.stop()
+    [mail] = deliveries(collector.store, "email")
+    [web] = deliveries(collector.store, "webhook")
+    assert (mail["state"], mail["attempts"]) == ("sent", 1)
+    assert web["state"] == "pending" and web["attempts"] >= 3 and "TimeoutError" in web["last_error"]
+    # a restarted collector takes the record up: the webhook is retried, the mail is not sent again
+    seen = hooks.connections["silent"]
+    n2 = notifier(collector, port, hook, total_timeout_s=0.5, retry_base_s=0.2, retry_max_s=0.4)
+    n2.start()
+    try:
+        wait_until(lambda: hooks.connections["silent"] >= seen + 2, 20, what="retries after the restart")
+        time.sleep(0.3)
+        assert len(mails) == 1
+    finally:
+        n2.stop()
+
+
+def test_crlf_in_a_device_key_cannot_break_or_add_headers(collector: Collector, smtp: Any, hooks: Hooks) -> None:
+    mails, port = smtp
+    n = notifier(collector, port, hooks.start("ok"))
+    n.cfg.central_it.append("it2@example.go.id\r\nBcc: thief@evil.example")  # a bad address is left out
+    n.start()
+    try:
+        iid = incident(collector, key="046d:085e:CAM1\r\nBcc: thief@evil.example\r\nX-Evil: 1")
+        wait_until(lambda: mails and hooks.bodies, 10, what="mail and webhook")
+        time.sleep(0.3)
+    finally:
+        n.stop()
+    [env] = mails
+    assert sorted(env.rcpt_tos) == ["budi@setjen.example", "pusdatin@example.go.id"]
+    msg = email.message_from_bytes(env.content, policy=email.policy.default)
+    assert msg["Bcc"] is None and msg["X-Evil"] is None
+    assert "CAM1 Bcc: thief@evil.example X-Evil: 1" in str(msg["Subject"])
+    assert hooks.bodies[0]["incident"]["device"] == "046d:085e:CAM1\r\nBcc: thief@evil.example\r\nX-Evil: 1"
+    assert [d["state"] for d in deliveries(collector.store, "email")] == ["sent"]
+    assert iid == hooks.bodies[0]["incident"]["id"]
+
+
+def test_the_listener_only_enqueues(collector: Collector, smtp: Any, hooks: Hooks) -> None:
+    _, port = smtp
+    n = notifier(collector, port, hooks.start("ok"))
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with collector.store.lock:
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(5)
+    try:
+        t0 = time.monotonic()
+        n.on_incident("opened", {"id": "x", "status": "open", "cause": "device_fault", "decided_cause": None})
+        assert time.monotonic() - t0 < 0.05  # with the store busy, the listener still returns at once
+    finally:
+        release.set()
+        t.join()
+    assert n.deliver_due() == 0  # not confirmed yet (delay), and "x" is no incident
+
+
+def test_header_safe() -> None:
+    assert header_safe("a\r\nBcc: b\tc\x00d\u2028e") == "a Bcc: b c d e"
+    assert len(header_safe("x" * 5000)) == 900
