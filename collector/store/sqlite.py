@@ -118,6 +118,11 @@ MIGRATIONS: list[str] = [
                                  taken_at TEXT NOT NULL, agent TEXT, room TEXT, data TEXT NOT NULL,
                                  PRIMARY KEY (device, kind, lease_start));
     """,
+    # 7: each boot's latest ts (seconds), over every message of it: when a boot ended, for windows
+    # carried across a stop (telemetry that is not evidence moves it too)
+    """
+    ALTER TABLE boots ADD COLUMN last_ts REAL;
+    """,
 ]
 
 log = logging.getLogger(__name__)
