@@ -85,10 +85,12 @@ def enroll_site(tmp_path: Path, bundle_dir: str | None = None) -> Iterator[dict[
 class Client:
     """A paho client that records its connection result, disconnects and PUBACK reason codes."""
 
-    def __init__(self, url: str, username: str, password: str) -> None:
+    def __init__(self, url: str, username: str, password: str, ca_file: str | None = None) -> None:
         b = parse_broker(url)
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pantau-agent-{username}", protocol=mqtt.MQTTv5)
         self.c.username_pw_set(username, password)
+        if b.tls:
+            self.c.tls_set(ca_certs=ca_file)
         self.connack: Any = None
         self.disconnects: list[str] = []
         self.acks: dict[int, int] = {}
