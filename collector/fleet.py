@@ -100,9 +100,11 @@ def snapshot(r: Queryable, unit: str | None = None, s: FleetSettings | None = No
     s = s or FleetSettings()
     now = time.time() if now is None else now
     units = {u["id"]: u for u in r.query("SELECT * FROM units")}
-    rooms = r.query("SELECT * FROM rooms" + (" WHERE agent = ?" if agent else ""), (agent,) if agent else ())
+    all_rooms = r.query("SELECT * FROM rooms")
+    by_id = {x["id"]: x for x in all_rooms}
+    rooms = [x for x in all_rooms if not agent or x["agent"] == agent]
     room_of = {x["agent"]: x for x in rooms if x["agent"]}
-    loans = r.query("SELECT * FROM loans WHERE room IS NOT NULL")
+    loans = r.query("SELECT * FROM loans WHERE room IS NOT NULL AND returned_at IS NULL")  # returned: not expected
     lent: dict[str, list[dict[str, Any]]] = {}
     for ln in loans:
         lent.setdefault(ln["room"], []).append(ln)
@@ -137,7 +139,9 @@ def snapshot(r: Queryable, unit: str | None = None, s: FleetSettings | None = No
         if unit is not None and unit_id != unit:
             continue
         room_id = room["id"] if room else (labels.get("room") if isinstance(labels.get("room"), str) else None)
-        out.append(_room(r, a, room, unit_id, room_id, units.get(unit_id or ""), lent.get(room_id or "", []),
+        other = by_id.get(room_id or "")
+        expected = lent.get(room_id or "", []) if room or (other is not None and not other["agent"]) else []
+        out.append(_room(r, a, room, unit_id, room_id, units.get(unit_id or ""), expected,
                          detaches, later, incidents, now, s))
     seen = {a["agent"] for a in arows}
     for rm in rooms:

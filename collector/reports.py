@@ -2,7 +2,8 @@
 
 Definitions (docs/dashboard.md says the same):
 - a device **lent** in a period is a loan of the unit whose lease overlaps it (a lease without a start
-  began before the period; one without an end is still running; ``lease_end`` is the last day, inclusive);
+  began before the period; one without an end is still running; ``lease_end`` is the last day, inclusive;
+  a recorded return, ``returned_at``, ends it then);
 - its **device-days** are the days of the period its lease covers;
 - **availability** is 1 minus the time devices were down — inside an incident of kind ``device_error``
   or ``device_missing`` that was not withdrawn (an open one until the period's end) — over the
@@ -90,7 +91,8 @@ def _secs(ts: str | None) -> float | None:
 
 def lease_window(loan: dict[str, Any], p: Period) -> tuple[float, float] | None:
     a = max(p.start, _day(loan.get("lease_start"), False) or p.start)
-    b = min(p.end, _day(loan.get("lease_end"), True) or p.end)
+    back = loan.get("returned_at")
+    b = min(p.end, _day(loan.get("lease_end"), True) or p.end, _secs(back) or _day(back, True) or p.end)
     return (a, b) if b > a else None
 
 
