@@ -78,6 +78,7 @@ class Classifier:
                     "SELECT id, agent, boot, seq, ts, kind, payload, flag FROM evidence "
                     "WHERE agent = ? AND id <= ? AND ts >= ? ORDER BY id", (agent, top, _floor_ts(cut)))
                 self._add_rows(rows, cut)
+                self._read_boots(agent)
             self._followed = top
             self._dirty |= set(self.histories)
 
@@ -115,15 +116,24 @@ class Classifier:
         if hist.add(ev):
             self._dirty.add(ev.agent)
 
-    def _advance_clock(self, agent: str, ts: str | None) -> None:
-        if ts is None or self._clock_rows.get(agent) == ts:
+    def _read_boots(self, agent: str) -> None:
+        hist = self.histories.get(agent)
+        if hist is None:
             return
+        for r in self.store.query("SELECT boot, last_ts FROM boots WHERE agent = ? AND last_ts IS NOT NULL", (agent,)):
+            hist.note(r["boot"], float(r["last_ts"]))
+
+    def _advance_clock(self, agent: str, ts: str | None) -> bool:
+        """Take an agent's clock as stored; True if it changed."""
+        if ts is None or self._clock_rows.get(agent) == ts:
+            return False
         self._clock_rows[agent] = ts
         try:
             t = ts_seconds(ts)
         except ProtocolError:
-            return
+            return False
         self._set_clock(agent, t)
+        return True
 
     def _set_clock(self, agent: str, t: float) -> None:
         if t > self.clocks.get(agent, float("-inf")):
@@ -132,14 +142,20 @@ class Classifier:
             if end is not None and t > end:
                 self._dirty.add(agent)
 
-    def accept(self, stored: list[Stored], clocks: dict[str, float]) -> None:
-        """Committed evidence and the clocks it moved, from the ingestor in this process."""
+    def accept(self, stored: list[Stored], clocks: dict[str, float],
+               boot_ts: dict[tuple[str, str], float] | None = None) -> None:
+        """Committed evidence and the clocks (and boots' latest ts) it moved, from the ingestor in this process."""
         with self.lock:
             for s in stored:
                 ev = evidence_from(s.msg, s.stamp, mismatch=s.flag == MISMATCH)
                 if ev is not None:
                     self._add(ev)
                 self._followed = max(self._followed, s.id)
+            for (agent, boot), t in (boot_ts or {}).items():
+                hist = self.histories.get(agent)
+                if hist is None:
+                    hist = self.histories[agent] = AgentHistory(agent)
+                hist.note(boot, t)
             for agent, t in clocks.items():
                 self._set_clock(agent, t)
             if time.monotonic() - self._last_classify >= self.classify_every_s:
@@ -156,7 +172,8 @@ class Classifier:
                 self._add_rows(rows)
                 self._followed = int(rows[-1]["id"])
             for r in self.store.query("SELECT agent, clock FROM agents WHERE clock IS NOT NULL"):
-                self._advance_clock(r["agent"], r["clock"])
+                if self._advance_clock(r["agent"], r["clock"]):
+                    self._read_boots(r["agent"])  # its boots' latest ts moved with its clock
             self.classify_dirty()
 
     # ------------------------------------------------------------------ deciding

@@ -43,7 +43,7 @@ class Incident:
     mark: Evidence | None = None
     rule: Rule | None = None
     device_info: dict[str, Any] = field(default_factory=dict)
-    order: tuple[int, int] = (0, 0)
+    order: float = 0.0  # timeline position of its first evidence
 
     @property
     def first(self) -> Evidence:
@@ -157,8 +157,8 @@ def _with_restart_detaches(tl: list[Evidence]) -> list[Evidence]:
             anchor = ev
         out.append(ev)
         if ev.kind == "inventory":
-            if not first_inv_done and prev_listed is not None:
-                at = anchor or next(e for e in out if e.boot == cur_boot)
+            if not first_inv_done and prev_listed is not None and anchor is not None:
+                at = anchor
                 missing = [k for k in prev_listed if k not in ev.keys and k not in attached_before_inv]
                 synth = [
                     Evidence(agent=at.agent, boot=at.boot, seq=at.seq, ts=at.ts, ts_str=at.ts_str, kind="event",
@@ -184,7 +184,7 @@ class _Boot:
     boot: str
     start: Evidence | None = None  # its first agent.started
     first: Evidence | None = None
-    end_ts: float = float("-inf")  # its latest ts, up to its agent.stopping or will
+    end_ts: float = float("-inf")  # the latest ts of any of its messages (a will's stamp aside)
     ended: bool = False  # agent.stopping or a will seen (or a later boot exists)
     first_inventory: frozenset[str] | None = None
     next: _Boot | None = None
@@ -199,9 +199,10 @@ class _Boot:
 class _Facts:
     """One pass over the timeline: what every rule condition and window reads."""
 
-    def __init__(self, tl: list[Evidence], w: Windows) -> None:
+    def __init__(self, tl: list[Evidence], w: Windows, boot_last: dict[str, float] | None = None) -> None:
         self.tl = tl
         self.w = w
+        self.boot_last = boot_last or {}
         self.marks: dict[str, list[Evidence]] = defaultdict(list)
         self.seen: dict[str, list[int]] = defaultdict(list)  # device seen: attach / inventory / telemetry present
         self.attaches: dict[str, list[int]] = defaultdict(list)
@@ -230,13 +231,13 @@ class _Facts:
             else:
                 b = boots.get(ev.boot)
                 if b is None:
-                    b = boots[ev.boot] = _Boot(ev.boot, first=ev)
+                    b = boots[ev.boot] = _Boot(ev.boot, first=ev, end_ts=self.boot_last.get(ev.boot, float("-inf")))
                     if order:
                         order[-1].next, order[-1].ended = b, True
                         suspended, sleeping = False, []  # a sleep that no resume ended: judged from this start
                     order.append(b)
                 self.boot_of.append(b)
-                if not b.ended:
+                if ev.seq >= 0 and not ev.synthetic:  # a will has no ts of its own: it dates nothing
                     b.end_ts = max(b.end_ts, ev.ts)
                 if ev.type == "agent.started" and b.start is None and not ev.synthetic:
                     b.start = ev
@@ -382,8 +383,7 @@ def evaluate(history: AgentHistory, clock: float, windows: Windows | None = None
     pending = pending if pending is not None else []
     w = windows or Windows()
     tl = _with_restart_detaches(history.ordered())
-    rank = history.boot_rank()
-    f = _Facts(tl, w)
+    f = _Facts(tl, w, history.boot_last)
 
     incidents: list[Incident] = []
     incidents += _error_incidents(tl, w)
@@ -393,9 +393,9 @@ def evaluate(history: AgentHistory, clock: float, windows: Windows | None = None
     f.bind(sorted((t.ts, inc.device) for inc in incidents for t in inc.trouble))
     for inc in incidents:
         inc.device_info = f.last_device.get(inc.device, {})
-        inc.order = (rank.get(inc.first.boot, -1), inc.first.seq)
         inc.rule = _first_matching_rule(inc, f)
         inc.mark = f.relied_mark(inc) if inc.rule.id == "D1" else None
+        inc.order = min(e.pos for e in (*inc.trouble, *inc.anchors, *([inc.mark] if inc.mark else [])))
     return incidents
 
 
@@ -447,34 +447,41 @@ class _Window:
 
 def _missing_window(f: _Facts, i: int) -> _Window | None:
     """The window a detach is judged on, or None if it is quiet whatever happens next."""
-    tl, w = f.tl, f.w
-    d = tl[i]
-    key = d.key
-    assert key is not None
+    w = f.w
+    d = f.tl[i]
     boot = f.boot_of[i]
-    assert boot is not None
+    assert boot is not None and d.key is not None
     if d.synthetic:  # unwatched (b): from the agent.started that found it absent
         start = boot.anchor
-        return _Window(start.ts + w.missing_s, start, unwatched=True)
-    if i in f.asleep:  # unwatched (a): from the resume, or from the next start if no resume came
+        win = _Window(start.ts + w.missing_s, start, unwatched=True)
+    elif i in f.asleep:  # unwatched (a): from the resume, or from the next start if no resume came
         resumed = f.sleep_end(i)
         if resumed is not None:
-            return _Window(resumed.ts + w.missing_s, resumed, unwatched=True)
-        if boot.next is not None:
-            return _Window(boot.next.anchor.ts + w.missing_s, boot.next.anchor, unwatched=True)
-        return _Window(None, unwatched=True)
-    if f.quick_idle_replug(i):
+            win = _Window(resumed.ts + w.missing_s, resumed, unwatched=True)
+        elif boot.next is not None:
+            boot = boot.next
+            win = _Window(boot.anchor.ts + w.missing_s, boot.anchor, unwatched=True)
+        else:
+            return _Window(None, unwatched=True)
+    elif f.quick_idle_replug(i):
         return None
-    end = d.ts + w.missing_s
-    if not boot.ended or boot.end_ts > end:  # elapsed (or elapsing) within its own boot
-        return _Window(end)
-    # pending when its boot ended: carried into the next boot, judged from its agent.started
-    nxt = boot.next
-    if nxt is None:
-        return _Window(None)
-    if nxt.first_inventory is not None and key in nxt.first_inventory:
-        return None
-    return _Window(nxt.anchor.ts + w.missing_s, nxt.anchor)
+    else:
+        win = _Window(d.ts + w.missing_s)
+    return _carried(boot, d.key, win, w)
+
+
+def _carried(boot: _Boot, key: str, win: _Window, w: Windows) -> _Window | None:
+    """Windows pending when their boot ends wait for the next agent.started: a device in that boot's
+    first inventory closes the window quietly; otherwise it runs until 10 min after that start."""
+    while win.end is not None and boot.ended and not boot.end_ts > win.end:
+        nxt = boot.next
+        if nxt is None:
+            return _Window(None, win.anchor, win.unwatched)  # an agent that never starts again: waiting
+        if nxt.first_inventory is not None and key in nxt.first_inventory:
+            return None
+        boot = nxt
+        win = _Window(nxt.anchor.ts + w.missing_s, nxt.anchor, win.unwatched)
+    return win
 
 
 def _missing_incidents(tl: list[Evidence], f: _Facts, w: Windows, clock: float, pending: list[float],
@@ -556,5 +563,6 @@ def _unstable_incidents(tl: list[Evidence], f: _Facts, w: Windows, clock: float,
     return out
 
 
-def sort_key(inc: Incident) -> tuple[float, str, tuple[int, int]]:
+def sort_key(inc: Incident) -> tuple[float, str, float]:
+    """Replay's order: ``opened_at``, then agent, then the first evidence's place in the timeline."""
     return (inc.first.ts, inc.agent, inc.order)

@@ -106,6 +106,7 @@ class _Batch:
     clocks: dict[str, tuple[float, str]] = field(default_factory=dict)
     offsets: list[tuple[str, float, float]] = field(default_factory=list)  # (agent, received, received - ts)
     offset_min: dict[str, float] = field(default_factory=dict)
+    boot_ts: dict[tuple[str, str], float] = field(default_factory=dict)  # (agent, boot) -> latest ts in batch
     tele: dict[str, tuple[frozenset[str], bool]] = field(default_factory=dict)  # (last present set, events since)
     lag: float = 0.0
 
@@ -143,7 +144,8 @@ class Ingestor:
         # agent -> (present set of its last telemetry evidence, whether other evidence came since)
         self._tele: dict[str, tuple[frozenset[str], bool]] = {}
         self._log_gate: dict[str, float] = {}
-        self.listeners: list[Callable[[list[Stored], dict[str, float]], None]] = []
+        # called after each commit with the evidence stored, the agents' clocks and boots' latest ts it moved
+        self.listeners: list[Callable[[list[Stored], dict[str, float], dict[tuple[str, str], float]], None]] = []
         self.last_commit = time.time()
         self.last_failure: str | None = None  # why the last batch could not be stored, until one is
         for r in store.query("SELECT agent, clock FROM agents WHERE clock IS NOT NULL"):
@@ -171,7 +173,7 @@ class Ingestor:
             return out
         self._merge(batch)
         for fn in self.listeners:
-            fn(batch.evidence, {a: t for a, (t, _) in batch.clocks.items()})
+            fn(batch.evidence, {a: t for a, (t, _) in batch.clocks.items()}, batch.boot_ts)
         return batch.evidence
 
     def _ingest(self, items: list[Inbound]) -> _Batch:
@@ -205,6 +207,8 @@ class Ingestor:
                 b.offset_min[agent] = self._offsets.setdefault(agent, _OffsetWindow()).add(rx, off)
             for agent, upd in b.agents.items():
                 self._update_agent(db, agent, upd, b)
+            db.executemany("UPDATE boots SET last_ts = max(coalesce(last_ts, ?), ?) WHERE agent = ? AND boot = ?",
+                           [(t, t, a, boot) for (a, boot), t in b.boot_ts.items()])
             dead = db.execute("SELECT max(id) FROM dead_letter").fetchone()[0]
             if dead and dead > self.dead_letter_max:
                 db.execute("DELETE FROM dead_letter WHERE id <= ?", (dead - self.dead_letter_max,))
@@ -227,6 +231,9 @@ class Ingestor:
         if msg.ts is not None and not dashboard:
             if clock is None or t > clock[0]:
                 b.clocks[msg.agent] = (t, stamp)
+            ident = (msg.agent, msg.boot)
+            if t > b.boot_ts.get(ident, float("-inf")):
+                b.boot_ts[ident] = t  # (not undone with a failed message: an observation of what arrived)
             b.offsets.append((msg.agent, item.received_at, item.received_at - t))
             b.lag = max(0.0, item.received_at - t)
         upd = b.agents.setdefault(msg.agent, {})

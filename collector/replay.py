@@ -52,6 +52,8 @@ class Replayer:
             self.clocks.advance(msg.agent, msg.ts)
         if hist is None:
             hist = self.histories[msg.agent] = AgentHistory(msg.agent)
+        if msg.ts is not None and not is_dashboard_boot(msg.boot):
+            hist.note(msg.boot, ts_seconds(msg.ts))
         ev = evidence_from(msg, stamp) if stamp else None
         if ev is not None:
             hist.add(ev)

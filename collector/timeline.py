@@ -108,6 +108,7 @@ class AgentHistory:
         self._seen: set[tuple[str, int]] = set()
         self._started: dict[str, Evidence] = {}  # boot -> its first agent.started
         self._first: dict[str, float] = {}  # boot -> earliest ts
+        self.boot_last: dict[str, float] = {}  # boot -> latest ts of any of its messages (evidence or not)
         self._ordered: list[Evidence] | None = None
         self._rank: dict[str, int] | None = None
 
@@ -126,6 +127,11 @@ class AgentHistory:
                 self._first[ev.boot] = ev.ts
         self._ordered = self._rank = None
         return True
+
+    def note(self, boot: str, t: float) -> None:
+        """A message of ``boot`` dated ``t`` arrived (evidence or not): when that boot ended is at least then."""
+        if t > self.boot_last.get(boot, float("-inf")):
+            self.boot_last[boot] = t
 
     def prune(self, before: float) -> int:
         """Forget evidence older than ``before``; returns how many went. Boot order is kept."""

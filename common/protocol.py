@@ -29,8 +29,9 @@ MAX_MESSAGE_CHARS = 512
 # Every JSON integer anywhere in a payload must fit SQLite's INTEGER (signed 64 bits).
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
-# Years a wire timestamp (ts, context.host_boot) may carry; anything else is a broken clock.
-TS_YEAR_MIN = 2000
+# Years a message's ts may carry. From the Unix epoch: a PC whose CMOS battery died and that reset
+# its clock to 1970 or 2000 still reports, judged on its own clock; year 1 or 9999 is no clock at all.
+TS_YEAR_MIN = 1970
 TS_YEAR_MAX = 2100
 
 # \Z, not $: "$" also matches before a trailing newline. [0-9], not \d: \d matches any Unicode digit.
@@ -476,8 +477,11 @@ def _explain_context(ctx: dict[str, Any]) -> None:
     users = ctx.get("users")
     if users is not None and not (isinstance(users, list) and all(isinstance(u, str) for u in users)):
         raise ProtocolError("bad_type", "context.users must be an array of strings")
-    if ctx.get("host_boot") is not None:
-        check_ts(ctx["host_boot"], "context.host_boot")
+    if ctx.get("host_boot") is not None:  # informational: its format only (no rule reads it)
+        try:
+            ts_seconds(ctx["host_boot"])
+        except ProtocolError as exc:
+            raise ProtocolError("bad_ts", f"context.host_boot: {exc.detail}") from None
     _text(ctx, ("prev_boot", "note", "reported_by", "version"), "context.")
     _enum(ctx, "via", REPORT_VIA, "context.", nullable=True)
 

@@ -251,3 +251,89 @@ def test_replay_prints_the_policy_version(tmp_path: Path) -> None:
     a.error(30, CAM, "video.stream_error")
     [inc] = replay(a.text())
     assert inc["policy"] == "1.1" and json.dumps(inc)
+
+
+# ---------------------------------------------------------------- found by a second reading of the policy
+
+
+def test_a_pc_whose_clock_reset_to_1970_is_judged_on_its_own_clock(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    a = Agent(base=datetime(1970, 1, 1, tzinfo=UTC)).started()
+    a.error(30, CAM, "video.stream_error")
+    [inc] = incidents(a.text(), tmp_path)
+    assert (inc["rule"], inc["opened_at"]) == ("D2", "1970-01-01T00:30:00.000Z")
+
+
+def test_the_prev_boot_chain_holds_when_the_next_clock_resets_to_2000(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    a = Agent(boot="bootfirst0001").started()
+    a.event("agent.stopping", 60)
+    b = a.restart("bootsecond001", base=datetime(2000, 1, 1, tzinfo=UTC)).started(at=1, devices=[SPK])
+    b.telemetry(12, [SPK["key"]])
+    [inc] = incidents(a.text(), tmp_path)
+    assert (inc["device"], inc["rule"], inc["opened_at"]) == (CAM["key"], "M2", "2000-01-01T00:01:00.000Z")
+
+
+def test_an_unwatched_window_pending_at_a_stop_is_carried_too(tmp_path: Path) -> None:
+    a = Agent().started()
+    _sleep(a, 60)
+    a.detach(61, CAM)
+    a.event("host.resumed", 62)
+    a.event("agent.stopping", 65)  # before resume + 10 min
+    b = a.restart("bootnext00001").started(at=100, devices=[CAM, SPK])  # back in the first inventory
+    b.telemetry(130, [CAM["key"], SPK["key"]])
+    assert incidents(a.text(), tmp_path / "a") == []
+    # and an absence found at a start, still pending when that boot stops, waits for the next one
+    c = Agent(boot="bootc0000001").started()
+    c.event("agent.stopping", 10)
+    d = c.restart("bootd0000001").started(at=20, devices=[SPK])
+    d.event("agent.stopping", 25)
+    e = d.restart("boote0000001").started(at=100, devices=[CAM, SPK])
+    e.telemetry(130, [CAM["key"], SPK["key"]])
+    assert incidents(c.text(), tmp_path / "b") == []
+
+
+def test_telemetry_that_lists_nothing_present_still_dates_the_end_of_its_boot(tmp_path: Path) -> None:
+    a = Agent().started(devices=[CAM])
+    a.detach(30, CAM)
+    a.telemetry(35, [])
+    a.telemetry(41, [])  # the boot's own clock passes the window: it elapsed before the boot ended
+    b = a.restart("bootnext00001").started(at=100, devices=[CAM])  # no stop, no will: a crash
+    b.telemetry(130, [CAM["key"]])
+    [inc] = incidents(a.text(), tmp_path)
+    assert (inc["rule"], inc["opened_at"], inc["resolved_at"]) == ("M2", ts(30), ts(100))
+
+
+def test_a_will_arriving_late_changes_nothing(tmp_path: Path) -> None:
+    def capture(with_will: bool) -> str:
+        a = Agent().started()
+        a.detach(30, CAM)
+        a.telemetry(35, [SPK["key"]])
+        b = a.restart("bootnext00001").started(at=100, devices=[CAM, SPK])
+        b.telemetry(130, [CAM["key"], SPK["key"]])
+        if with_will:
+            a.will()  # the broker delivers the crashed boot's will after the next start
+        return a.text()
+
+    assert incidents(capture(True), tmp_path / "a") == incidents(capture(False), tmp_path / "b") == []
+
+
+def test_replay_orders_incidents_opened_together_by_their_first_evidence(tmp_path: Path) -> None:
+    a = Agent().started()
+    a.event("handling.reported", 29, CAM, context={"note": "jatuh"})
+    a.detach(30, CAM)
+    a.error(30, CAM, "video.stream_error")
+    a.telemetry(45, [SPK["key"]])
+    out = incidents(a.text(), tmp_path)
+    assert [(i["kind"], i["rule"]) for i in out] == [("device_error", "D1"), ("device_missing", "M2")]
+
+
+def test_no_absence_is_derived_without_an_agent_started(tmp_path: Path) -> None:
+    a = Agent().started()
+    a.event("agent.stopping", 10)
+    b = a.restart("bootnext00001")
+    b.inventory(20, [SPK])  # a boot whose agent.started never arrived
+    b.telemetry(40, [SPK["key"]])
+    assert incidents(a.text(), tmp_path) == []
