@@ -109,6 +109,10 @@ DEVICE_KIND_NAMES = {
     "en": {"camera": "Camera", "speakerphone": "Speakerphone", "speaker": "Speaker", "microphone": "Microphone",
            None: "Device"},
 }
+INCIDENT_KIND_NAMES = {
+    "id": {"device_error": "Error perangkat", "device_missing": "Perangkat hilang", "device_unstable": "Tidak stabil"},
+    "en": {"device_error": "Device error", "device_missing": "Device missing", "device_unstable": "Unstable"},
+}
 INCIDENT_PHRASES = {
     "id": {"device_error": "mengalami error", "device_missing": "hilang dari PC ruangan",
            "device_unstable": "berulang kali terputus"},

@@ -18,7 +18,15 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from starlette.responses import Response, StreamingResponse
 
 from collector import fleet, queries, reports
-from collector.policy import CAUSE_NAMES, DEVICE_KIND_NAMES, POLICY_VERSION, RESPONSIBLE_NAMES, RULES, RULES_BY_ID
+from collector.policy import (
+    CAUSE_NAMES,
+    DEVICE_KIND_NAMES,
+    INCIDENT_KIND_NAMES,
+    POLICY_VERSION,
+    RESPONSIBLE_NAMES,
+    RULES,
+    RULES_BY_ID,
+)
 from collector.registry import lookup
 from collector.web.auth import Identity, Reading, state_of
 from collector.web.views import SafeJSONResponse, WebState, sees_unit
@@ -74,6 +82,7 @@ def meta(request: Request, ident: Reading) -> dict[str, Any]:
     w = st.windows
     fs = st.settings.fleet
     return {"policy": POLICY_VERSION, "causes": CAUSE_NAMES, "responsible": RESPONSIBLE_NAMES, "device_kinds": kinds,
+            "incident_kinds": INCIDENT_KIND_NAMES,
             "rules": [{"id": r.id, "applies_to": r.applies_to, "cause": r.cause, "responsible": r.responsible,
                        "confidence": r.confidence, "condition": r.condition,
                        "explain": {"id": r.explain_id, "en": r.explain_en}} for r in RULES],

@@ -20,6 +20,7 @@ const ui = {tab: localStorage.getItem("pantau.tab") === "incidents" ? "incidents
 // ---------------------------------------------------------------- names and times
 const causeName = (c) => (meta && meta.causes[lang][c]) || c || "";
 const respName = (r) => (meta && meta.responsible[lang][r]) || r || "";
+const incKindName = (k) => (meta && meta.incident_kinds[lang][k]) || k || "";
 const kindName = (k) => (meta && (meta.device_kinds[lang][k] || meta.device_kinds[lang].other)) || k || "";
 const actionName = (a) => t(a === "opened" ? "opened_e" : a);
 function toMs(v) { return typeof v === "number" ? v * 1000 : Date.parse(v); }
@@ -125,7 +126,7 @@ async function renderOverview() {
         <input id="inc-q" type="search" placeholder="${esc(t("search_inc"))}" value="${esc(ui.inc.q)}">
         <select id="inc-status">${options(["open", "resolved", "withdrawn", "all"].map((s) => [s, t(s === "all" ? "all" : s)]), ui.inc.status, t("all_status"))}</select>
         <select id="inc-cause">${options(Object.keys(meta.causes[lang]).map((c) => [c, causeName(c)]), ui.inc.cause, t("all_causes"))}</select>
-        <select id="inc-kind">${options(["device_error", "device_missing", "device_unstable"].map((k) => [k, t(k)]), ui.inc.kind, t("all_kinds"))}</select>
+        <select id="inc-kind">${options(Object.keys(meta.incident_kinds[lang]).map((k) => [k, incKindName(k)]), ui.inc.kind, t("all_kinds"))}</select>
         <input id="inc-model" placeholder="${esc(t("model"))}" value="${esc(ui.inc.model)}" maxlength="9" size="10">
         <label>${esc(t("from"))} <input id="inc-since" type="date" value="${esc(ui.inc.since)}"></label>
         <label>${esc(t("to"))} <input id="inc-until" type="date" value="${esc(ui.inc.until)}"></label>
@@ -207,7 +208,7 @@ function incidentRows(rows) {
   return rows.map((i) => `<tr data-id="${esc(i.id)}">
     ${td(t("opened"), `<a href="#/incident/${encodeURIComponent(i.id)}">${esc(fmt(i.opened_at))}</a>`)}
     ${td(t("device"), `${esc(i.device)}<br><small>${esc(i.room_name || i.agent)}</small>`)}
-    ${td(t("kind"), esc(t(i.kind)))}
+    ${td(t("kind"), esc(incKindName(i.kind)))}
     ${td(t("cause"), `${esc(causeName(i.effective_cause))}${i.decided_cause ? " ✎" : ""} <small>${esc(i.rule)}</small>`, `cause-${i.effective_cause}`)}
     ${td(t("responsible"), esc(respName(i.effective_responsible)))}
     ${td(t("unit"), esc(i.unit_name || i.unit || t("unregistered")))}${td(t("pic"), esc(i.pic_name || ""))}
@@ -326,7 +327,7 @@ async function deviceChart(box, key, agent, t0, t1, mine, withEvents) {
   const frac = (m) => s[m].map((p) => [p[0], p[1]]);
   const errs = h.errors.filter((p) => p[1] > 0);
   const bands = h.incidents.map((i) => ({t0: toMs(i.opened_at) / 1000, t1: i.resolved_at ? toMs(i.resolved_at) / 1000 : t1,
-    cls: `k-${i.kind}`, title: `${t(i.kind)} · ${causeName(i.effective_cause)} (${i.rule})`}));
+    cls: `k-${i.kind}`, title: `${incKindName(i.kind)} · ${causeName(i.effective_cause)} (${i.rule})`}));
   const speeds = ["low", "full", "high", "super", "super+"];
   const width = box.clientWidth - 8;
   let html = Chart.strip([{label: t("present"), cls: "s-present", points: frac("present")}, {label: t("in_use"), cls: "s-in_use", points: frac("in_use")},
@@ -354,7 +355,7 @@ async function renderIncident(id) {
       ${td(t("use"), e.in_use === undefined || e.in_use === null ? "" : `${esc(t(e.in_use ? "in_use_yes" : "in_use_no"))} ${esc((e.users || []).join(", "))}`)}</tr>`;
   const evHead = `<thead><tr><th>${esc(t("time"))}</th><th>${esc(t("type"))}</th><th>${esc(t("role"))}</th><th>${esc(t("code"))}</th><th>${esc(t("errno"))}</th><th>${esc(t("raw"))}</th><th>${esc(t("use"))}</th></tr></thead>`;
   view.innerHTML = `<p><a href="#/">← ${esc(t("overview"))}</a> · <a href="#/room/${encodeURIComponent(i.agent)}">${esc(i.room_name || i.agent)}</a></p>
-    <h2 id="d-title">${esc(t(i.kind))} — ${esc(info.product || i.device)} <small>${esc(i.device)}</small></h2>
+    <h2 id="d-title">${esc(incKindName(i.kind))} — ${esc(info.product || i.device)} <small>${esc(i.device)}</small></h2>
     <p id="d-summary" class="summary">${esc((i.summaries || {})[lang] || i.summary)}</p>
     <dl class="facts" id="d-facts">
       <dt>${esc(t("status"))}</dt><dd>${esc(t(i.status))} · ${esc(t("opened"))} ${esc(fmt(i.opened_at, true))}${i.resolved_at ? ` · ${esc(t("resolved_at"))} ${esc(fmt(i.resolved_at, true))}` : ""}</dd>
@@ -424,7 +425,7 @@ async function renderReports() {
           ${td(t("device_days"), esc(x.device_days))}${td(t("down_hours"), esc(x.down_hours))}${td(t("incidents"), esc(x.incidents))}${causeCols.map((c) => td(causeName(c), esc(x.by_cause[c]))).join("")}</tr>`).join("")}</tbody></table>
       <h4>${esc(t("overrides"))}</h4><ul>${r.overrides.map((o) => `<li>${esc(o.device)}: ${esc(causeName(o.cause))} → <b>${esc(causeName(o.decided_cause))}</b>, ${esc(o.decided_by)} ${esc(fmt(o.decided_at))}: ${esc(o.decided_reason)}</li>`).join("") || `<li>–</li>`}</ul>
       <h4>${esc(t("incidents"))}</h4><table class="cards"><thead><tr><th>${esc(t("opened"))}</th><th>${esc(t("device"))}</th><th>${esc(t("kind"))}</th><th>${esc(t("cause"))}</th><th>${esc(t("responsible"))}</th></tr></thead>
-        <tbody>${r.incident_list.map((x) => `<tr>${td(t("opened"), `<a href="#/incident/${encodeURIComponent(x.id)}">${esc(fmt(x.opened_at))}</a>`)}${td(t("device"), esc(x.device))}${td(t("kind"), esc(t(x.kind)))}${td(t("cause"), esc(causeName(x.effective_cause)))}${td(t("responsible"), esc(respName(x.effective_responsible)))}</tr>`).join("")}</tbody></table></section>`;
+        <tbody>${r.incident_list.map((x) => `<tr>${td(t("opened"), `<a href="#/incident/${encodeURIComponent(x.id)}">${esc(fmt(x.opened_at))}</a>`)}${td(t("device"), esc(x.device))}${td(t("kind"), esc(incKindName(x.kind)))}${td(t("cause"), esc(causeName(x.effective_cause)))}${td(t("responsible"), esc(respName(x.effective_responsible)))}</tr>`).join("")}</tbody></table></section>`;
   };
   const rates = async () => {
     const [r] = await getJSON("/api/reports/failure-rates");

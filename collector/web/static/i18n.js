@@ -1,6 +1,6 @@
 "use strict";
 // Labels of the dashboard: Indonesian first, English second. Names of causes, responsible parties,
-// device kinds and rule sentences come from the collector (/api/meta, collector/policy.py), not from here.
+// device and incident kinds and rule sentences come from the collector (/api/meta, collector/policy.py), not from here.
 window.PANTAU_T = {
   id: {
     tagline: "Kesehatan perangkat video conference pinjaman", overview: "Ringkasan", reports: "Laporan",
@@ -15,7 +15,6 @@ window.PANTAU_T = {
     withdrawn: "dibatalkan", present: "terpasang", in_use: "sedang dipakai", missing: "hilang", error: "error",
     ok: "normal", offline_long: "luring lama", clock_off: "jam PC selisih", clock_ok: "jam tepat",
     pulled_in_use: "dicabut saat dipakai", since: "sejak", never_seen: "belum pernah terlihat",
-    device_error: "Error perangkat", device_missing: "Perangkat hilang", device_unstable: "Tidak stabil",
     open_incidents: "Insiden terbuka", by_cause: "Menurut penyebab", by_responsible: "Menurut tanggung jawab",
     agents_offline: "PC luring (jam kerja)", clocks_off: "Jam PC selisih", rooms_total: "Ruangan",
     devices_total: "Perangkat", unregistered: "tidak terdaftar", registered: "terdaftar",
@@ -68,7 +67,6 @@ window.PANTAU_T = {
     withdrawn: "withdrawn", present: "present", in_use: "in use", missing: "missing", error: "error",
     ok: "ok", offline_long: "offline long", clock_off: "PC clock off by", clock_ok: "clock ok",
     pulled_in_use: "pulled while in use", since: "since", never_seen: "never seen",
-    device_error: "Device error", device_missing: "Device missing", device_unstable: "Unstable",
     open_incidents: "Open incidents", by_cause: "By cause", by_responsible: "By responsible party",
     agents_offline: "PCs offline (working hours)", clocks_off: "PC clocks off", rooms_total: "Rooms",
     devices_total: "Devices", unregistered: "unregistered", registered: "registered",
