@@ -1,6 +1,6 @@
 """An ingest worker: one member of an MQTT 5 shared subscription, validating, deduplicating and
 storing its share of the stream. The main collector process classifies, by following what the
-workers committed (``Collector.follow``). Started by ``pantau-collector serve`` when
+workers committed (``Classifier.follow``). Started by ``pantau-collector serve`` when
 ``ingest_workers`` > 1; each worker is its own process, so receiving and parsing use every core.
 """
 
@@ -33,8 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     store = SqliteStore(cfg.db)
     writer = Collector(store, cfg.windows, cfg.prefix, classify=False)
-    sub = Subscriber(writer, parse_broker(cfg.broker), f"{cfg.client_id}-w{args.index}", cfg.prefix,
-                     cfg.share_group or "pantau-ingest", cfg.username, cfg.password, cfg.ca_file, mqtt_version="5")
+    # Each worker is its own broker account (<username>-w<index>, same password): the shipped broker ties
+    # the client id to the account, so workers sharing one would take each other's connection.
+    broker = parse_broker(cfg.broker)
+    user = cfg.username or broker.username
+    sub = Subscriber(writer, broker, f"{cfg.client_id}-w{args.index}", cfg.prefix, cfg.share_group or "pantau-ingest",
+                     f"{user}-w{args.index}" if user else None, cfg.password or broker.password, cfg.ca_file,
+                     mqtt_version="5")
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
