@@ -58,6 +58,12 @@ class CollectorConfig:
     agent_ca_file: str | None = None  # the CA given to enrolled agents; default: ca_file
     bundle_dir: str = "var/bundle"  # the agent's wheels and install script (pantau-collector bundle)
     enroll_expires_h: float = 24.0
+    # the fleet view: a room PC silent this long in working hours is flagged offline (docs/dashboard.md)
+    offline_after_s: float = 7200.0
+    work_start_h: int = 7
+    work_end_h: int = 17
+    work_days: str = "0,1,2,3,4"  # Monday = 0
+    tz_offset_h: float = 7.0  # WIB
     windows: Windows = field(default_factory=Windows)
 
     @property
@@ -68,10 +74,12 @@ class CollectorConfig:
 
 # key -> (type, lowest allowed, highest allowed)
 _INTS: dict[str, tuple[int, int]] = {"ingest_workers": (1, 32), "smtp_port": (1, 65535),
-                                     "http_max_connections": (16, 1_000_000)}
+                                     "http_max_connections": (16, 1_000_000), "work_start_h": (0, 23),
+                                     "work_end_h": (1, 24)}
 _FLOATS: dict[str, tuple[float, float]] = {"notify_delay_s": (0.0, 86400.0 * 7), "session_hours": (0.01, 24.0 * 90),
                                            "http_request_timeout_s": (0.5, 3600.0),
-                                           "enroll_expires_h": (0.01, 24.0 * 90)}
+                                           "enroll_expires_h": (0.01, 24.0 * 90),
+                                           "offline_after_s": (60.0, 86400.0 * 30), "tz_offset_h": (-12.0, 14.0)}
 _BOOLS = {"metrics_require_token"}
 _TRUE = ("true", "1", "yes", "on")
 
@@ -169,6 +177,12 @@ def load(path: str | None = None, env: dict[str, str] | None = None, **overrides
             parse_broker(getattr(cfg, k), k)
     if cfg.public_url is not None and not re.match(r"^https://[^/\s]+/?$", cfg.public_url):
         raise ConfigError(f"config: public_url: {cfg.public_url!r} must look like https://pantau.example.go.id:8443")
+    days = [d.strip() for d in cfg.work_days.split(",") if d.strip()]
+    if not days or not all(d in "0123456" and len(d) == 1 for d in days):
+        raise ConfigError(f"config: work_days: {cfg.work_days!r} must be weekday numbers 0-6 (Monday = 0), "
+                          "comma-separated")
+    if cfg.work_start_h >= cfg.work_end_h:
+        raise ConfigError("config: work_start_h: must be before work_end_h")
     return cfg
 
 
