@@ -27,7 +27,7 @@ from collector.ingestor import MISMATCH, Stored
 from collector.policy import Windows
 from collector.store.sqlite import SqliteStore
 from collector.timeline import AgentHistory, evidence_from
-from common.protocol import Message, ProtocolError, Topic, format_epoch, now_ts, ts_seconds
+from common.protocol import Message, ProtocolError, Topic, format_epoch, now_ts, ts_seconds, ts_seconds_or_none
 
 log = logging.getLogger(__name__)
 _CHANNEL = {"event": "events"}
@@ -223,7 +223,7 @@ class Classifier:
         out: dict[str, float] = {}
         for r in self.store.query(f"SELECT device, lease_end, {returned} AS returned_at FROM loans "
                                   f"WHERE lease_end IS NOT NULL OR {returned} IS NOT NULL"):
-            ends = [t for t in (_day_end(r["lease_end"]), _instant(r["returned_at"])) if t is not None]
+            ends = [t for t in (_day_end(r["lease_end"]), ts_seconds_or_none(r["returned_at"])) if t is not None]
             if ends:
                 out[r["device"]] = min(ends)
         self._leases, self._leases_read = out, now
@@ -259,12 +259,6 @@ def _day_end(day: str | None) -> float | None:
     except ProtocolError:
         return None
 
-
-def _instant(ts: str | None) -> float | None:
-    try:
-        return ts_seconds(ts) if ts else None
-    except ProtocolError:
-        return None
 
 
 def _floor_ts(t: float) -> str:

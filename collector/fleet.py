@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from collector.registry import Queryable
-from common.protocol import ProtocolError, format_epoch, ts_seconds
+from common.protocol import format_epoch, ts_seconds_or_none
 
 CLOCK_SUSPECT_S = 120.0
 STATUSES = ("present", "in_use", "missing", "error")
@@ -63,14 +63,6 @@ def _json(text: str | None, default: Any) -> Any:
         return default
 
 
-def _secs(ts: str | None) -> float | None:
-    if not ts:
-        return None
-    try:
-        return ts_seconds(ts)
-    except ProtocolError:
-        return None
-
 
 def _serial(key: str) -> str | None:
     return key[10:] if len(key) > 10 and key[9] == ":" else None
@@ -84,7 +76,7 @@ def agent_flags(a: dict[str, Any], now: float, s: FleetSettings) -> dict[str, An
     """Online state, when last heard of (on the collector's clock), offline-too-long and clock flags."""
     off = a.get("clock_offset_s")
     off = float(off) if isinstance(off, int | float) and math.isfinite(off) else None
-    seen = _secs(a.get("last_seen"))
+    seen = ts_seconds_or_none(a.get("last_seen"))
     heard = None if seen is None else seen + (off or 0.0)  # the agent's clock turned into the collector's
     online = a.get("state") == "online"
     down = 0.0 if online or heard is None else working_seconds(heard, now, s)

@@ -26,7 +26,7 @@ from typing import Any
 
 from collector.queries import PLACED_SQL, QueryError
 from collector.registry import Queryable
-from common.protocol import ProtocolError, format_epoch, ts_seconds
+from common.protocol import format_epoch, ts_seconds_or_none
 
 DAY = 86400.0
 MONTH_DAYS = 30.4375
@@ -80,19 +80,11 @@ def _day(value: str | None, end: bool) -> float | None:
     return datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp() + (DAY if end else 0.0)
 
 
-def _secs(ts: str | None) -> float | None:
-    if not ts:
-        return None
-    try:
-        return ts_seconds(ts)
-    except ProtocolError:
-        return None
-
 
 def lease_window(loan: dict[str, Any], p: Period) -> tuple[float, float] | None:
     a = max(p.start, _day(loan.get("lease_start"), False) or p.start)
     back = loan.get("returned_at")
-    b = min(p.end, _day(loan.get("lease_end"), True) or p.end, _secs(back) or _day(back, True) or p.end)
+    b = min(p.end, _day(loan.get("lease_end"), True) or p.end, ts_seconds_or_none(back) or _day(back, True) or p.end)
     return (a, b) if b > a else None
 
 
@@ -132,7 +124,8 @@ def unit_report(r: Queryable, unit: str, p: Period, now: float) -> dict[str, Any
         lo, hi = win[0], min(win[1], max(win[0], horizon))
         down: list[tuple[float, float]] = []
         for inc in _device_incidents(r, ln["device"]):
-            t0, t1 = _secs(inc["opened_at"]), _secs(inc["resolved_at"]) if inc["resolved_at"] else horizon
+            t0 = ts_seconds_or_none(inc["opened_at"])
+            t1 = ts_seconds_or_none(inc["resolved_at"]) if inc["resolved_at"] else horizon
             if t0 is None or t1 is None:
                 continue
             if inc["kind"] in DOWN_KINDS and t0 < hi and t1 > lo:
@@ -251,7 +244,7 @@ def failure_rates(r: Queryable, p: Period, unit: str | None = None) -> list[dict
         g["devices"] += 1
         g["device_months"] += (win[1] - win[0]) / DAY / MONTH_DAYS
         for inc in _device_incidents(r, key):
-            t = _secs(inc["opened_at"])
+            t = ts_seconds_or_none(inc["opened_at"])
             if t is None or not win[0] <= t < win[1]:
                 continue
             g["incidents"] += 1

@@ -217,6 +217,16 @@ def ts_seconds(value: str) -> float:
     return _epoch(value, m)
 
 
+def ts_seconds_or_none(value: str | None) -> float | None:
+    """:func:`ts_seconds` for stored values that may be missing or malformed: None then."""
+    if not value:
+        return None
+    try:
+        return ts_seconds(value)
+    except ProtocolError:
+        return None
+
+
 def check_ts(value: object, where: str = "ts") -> float:
     """A wire timestamp as validation wants it: the format of :func:`ts_seconds` ("bad_ts") and a
     year within TS_YEAR_MIN..TS_YEAR_MAX ("ts_out_of_range"). Returns seconds since the epoch."""

@@ -220,3 +220,31 @@ def write_bus(path: Path, *devices: dict[str, Any]) -> None:
     os.replace(tmp, path)
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a visible change even within one tick
+
+
+# ---------------------------------------------------------------- a registry and a collector fed by an Agent
+
+REGISTRY = """
+[[units]]
+id = "setjen"
+name = "Sekretariat Jenderal"
+pic = { name = "Budi", email = "budi@setjen.example", phone = "0812" }
+rooms = [{ id = "r1", name = "Ruang Sidang", agent = "room-1" }]
+
+[[units.devices]]
+key = "046d:085e:CAM1"
+room = "r1"
+lease_end = "2027-01-04"
+condition = "baru"
+"""
+
+
+def feed(c: Any, a: Agent, start: int = 0) -> int:
+    """Ingest an agent's capture lines from ``start`` into a live Collector, then a maintenance pass."""
+    from collector.ingest import Inbound
+
+    for line in a.lines[start:]:
+        rec = json.loads(line)
+        c.ingest([Inbound(rec["topic"], json.dumps(rec["payload"]).encode(), time.time())])
+    c.tick()
+    return len(a.lines)

@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,3 +116,19 @@ def workdir() -> Iterator[Path]:
 def run_cli(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
                           cwd=kw.pop("cwd", ROOT), **kw)
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[Any]:
+    """A live Collector on a real SQLite file with tests.builder's REGISTRY loaded."""
+    from collector.ingest import Collector
+    from collector.registry import load_toml
+    from collector.store.sqlite import SqliteStore
+    from tests.builder import REGISTRY
+
+    store = SqliteStore(str(tmp_path / "c.sqlite"))
+    reg = tmp_path / "registry.toml"
+    reg.write_text(REGISTRY)
+    load_toml(store, str(reg))
+    yield Collector(store)
+    store.close()

@@ -17,44 +17,12 @@ from typing import Any
 import pytest
 
 from collector import audit
-from collector.ingest import Collector, Inbound
+from collector.ingest import Collector
 from collector.notify import Notifier, NotifyConfig
 from collector.registry import RegistryError, load_toml, lookup
 from collector.store.sqlite import SqliteStore
-from tests.builder import CAM, SPK, Agent
+from tests.builder import CAM, REGISTRY, SPK, Agent, feed
 from tests.conftest import EXAMPLES, free_port, run_cli
-
-REGISTRY = """
-[[units]]
-id = "setjen"
-name = "Sekretariat Jenderal"
-pic = { name = "Budi", email = "budi@setjen.example", phone = "0812" }
-rooms = [{ id = "r1", name = "Ruang Sidang", agent = "room-1" }]
-
-[[units.devices]]
-key = "046d:085e:CAM1"
-room = "r1"
-lease_end = "2027-01-04"
-condition = "baru"
-"""
-
-
-def feed(c: Collector, a: Agent, start: int = 0) -> int:
-    for line in a.lines[start:]:
-        rec = json.loads(line)
-        c.ingest([Inbound(rec["topic"], json.dumps(rec["payload"]).encode(), time.time())])
-    c.tick()
-    return len(a.lines)
-
-
-@pytest.fixture
-def collector(tmp_path: Path) -> Iterator[Collector]:
-    store = SqliteStore(str(tmp_path / "c.sqlite"))
-    reg = tmp_path / "registry.toml"
-    reg.write_text(REGISTRY)
-    load_toml(store, str(reg))
-    yield Collector(store)
-    store.close()
 
 
 def test_registry_names_unit_room_and_pic(collector: Collector) -> None:

@@ -12,44 +12,16 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from collector.ingest import Collector, Inbound
+from collector.ingest import Collector
 from collector.notify import Notifier, NotifyConfig, header_safe
-from collector.registry import load_toml
 from collector.store.sqlite import SqliteStore
-from tests.builder import Agent, device
+from tests.builder import Agent, device, feed
 from tests.conftest import free_port
 from tests.procs import wait_until
-
-REGISTRY = """
-[[units]]
-id = "setjen"
-name = "Sekretariat Jenderal"
-pic = { name = "Budi", email = "budi@setjen.example", phone = "0812" }
-rooms = [{ id = "r1", name = "Ruang Sidang", agent = "room-1" }]
-"""
-
-
-def feed(c: Collector, a: Agent, start: int = 0) -> int:
-    for line in a.lines[start:]:
-        rec = json.loads(line)
-        c.ingest([Inbound(rec["topic"], json.dumps(rec["payload"]).encode(), time.time())])
-    c.tick()
-    return len(a.lines)
-
-
-@pytest.fixture
-def collector(tmp_path: Path) -> Iterator[Collector]:
-    store = SqliteStore(str(tmp_path / "c.sqlite"))
-    reg = tmp_path / "registry.toml"
-    reg.write_text(REGISTRY)
-    load_toml(store, str(reg))
-    yield Collector(store)
-    store.close()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import httpx
 
 from collector import users
 from collector.store.sqlite import SqliteStore
+from tests.builder import REGISTRY as BASE_REGISTRY
 from tests.builder import device
 
 PASSWORD = "kata-sandi-uji-1"
@@ -55,19 +56,7 @@ class Browser:
         self.close()
 
 
-REGISTRY = """
-[[units]]
-id = "setjen"
-name = "Sekretariat Jenderal"
-pic = { name = "Budi", email = "budi@setjen.example", phone = "0812" }
-rooms = [{ id = "r1", name = "Ruang Sidang", agent = "room-1" }]
-
-[[units.devices]]
-key = "046d:085e:CAM1"
-room = "r1"
-lease_end = "2027-01-04"
-condition = "baru"
-
+REGISTRY = BASE_REGISTRY + """
 [[units]]
 id = "bpsdm"
 name = "BPSDM"
