@@ -132,3 +132,29 @@ def collector(tmp_path: Path) -> Iterator[Any]:
     load_toml(store, str(reg))
     yield Collector(store)
     store.close()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Debian's Chromium driven by Playwright (never a browser download: /work/shared/notes/services.md)."""
+    if shutil.which("chromium") is None:
+        pytest.fail("chromium is not installed: run `make test`, which installs it")
+    from playwright.sync_api import sync_playwright
+
+    from tests.web_helpers import CHROMIUM_ARGS
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Any]:
+    """The dashboard on a free port with tests.web_helpers.Site's fleet and accounts."""
+    from tests.web_helpers import Site
+
+    s = Site(tmp_path)
+    yield s
+    s.web.stop()
+    s.store.close()

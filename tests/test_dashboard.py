@@ -5,81 +5,14 @@ flagged; the Indonesian/English switch; and a hostile page on another origin tha
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from collector.ingest import Collector, Inbound
-from collector.web.server import WebServer
-from tests.builder import CAM, SPK, Agent, device
-from tests.web_helpers import PASSWORD, SPK_B, add_user, build_site
-
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-XSS = {"product": "<img src=x onerror=window.__xss=1>", "vendor": "<script>window.__xss=2</script>",
-       "serial": "\"><img src=x onerror=window.__xss=3>"}
-EVIL = device(f"1234:5678:{XSS['serial']}", "camera", "1-4", product=XSS["product"], vendor=XSS["vendor"],
-              serial=XSS["serial"])
-
-
-class Site:
-    def __init__(self, tmp: Path) -> None:
-        self.collector: Collector = build_site(str(tmp / "c.sqlite"), str(tmp / "r.toml"))
-        store = self.store = self.collector.store
-        lines: list[str] = []
-        x = Agent("ruang-xss", "bootxxxx0001", lines).started(devices=[EVIL])  # labels: setjen
-        x.error(31, EVIL, "video.stream_error")
-        for line in lines:
-            rec = json.loads(line)
-            self.collector.ingest([Inbound(rec["topic"], json.dumps(rec["payload"]).encode(), time.time())])
-        self.collector.tick()
-        store.db.execute("UPDATE agents SET clock = '2026-11-30T01:05:00.000Z', clock_offset_s = -300 "
-                         "WHERE agent = 'room-1'")
-        store.db.execute("UPDATE agents SET clock_offset_s = 2.5 WHERE agent = 'aula-bpsdm'")
-        for name, role, unit in (("root", "admin", None), ("ani", "operator", None), ("citra", "pic", "bpsdm"),
-                                 ("dewi", "viewer", None)):
-            add_user(store, name, role, unit)
-        self.web = WebServer(self.collector, "127.0.0.1", 0)
-        self.web.start()
-        self.url = self.web.address
-        self.ids = {r["device"]: r["id"] for r in store.query("SELECT id, device FROM incidents")}
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    s = Site(tmp_path)
-    yield s
-    s.web.stop()
-    s.store.close()
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    if shutil.which("chromium") is None:
-        pytest.fail("chromium is not installed: run `make test`, which installs it")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-def sign_in(browser: Any, site: Site, name: str) -> Any:
-    page = browser.new_context().new_page()
-    page.goto(site.url)
-    page.wait_for_url("**/login")
-    page.fill("#username", name)
-    page.fill("#password", PASSWORD)
-    page.click("#login button[type=submit]")
-    page.wait_for_selector("body[data-ready='1']")
-    return page
+from tests.builder import CAM, SPK
+from tests.web_helpers import EVIL, SPK_B, XSS, Site, sign_in
 
 
 def incident_rows(page: Any) -> set[str]:

@@ -12,10 +12,9 @@ from typing import Any
 import pytest
 
 from collector.store.sqlite import SqliteStore
+from tests.builder import CAMERA, SPEAKER, write_bus
 from tests.conftest import Mosquitto
 from tests.procs import db_rows, start_agent, start_collector, wait_until
-from tests.test_agent_observe import CAMERA, SPEAKER, write_bus
-from tests.test_dashboard import browser  # noqa: F401  (the fixture)
 from tests.web_helpers import PASSWORD, add_user
 
 pytestmark = pytest.mark.broker
@@ -23,7 +22,7 @@ CAM_KEY = "046d:0843:A1B2C3D4"
 LIMIT_S = 2.0
 
 
-def _signed_in(browser: Any, url: str, path: str) -> Any:  # noqa: F811
+def _signed_in(browser: Any, url: str, path: str) -> Any:
     page = browser.new_context().new_page()
     page.goto(url + "/login")
     page.fill("#username", "ani")
@@ -35,7 +34,7 @@ def _signed_in(browser: Any, url: str, path: str) -> Any:  # noqa: F811
 
 
 def test_a_camera_pulled_in_a_meeting_shows_missing_within_2_s(tmp_path: Path, mosquitto: Mosquitto,
-                                                               browser: Any) -> None:  # noqa: F811
+                                                               browser: Any) -> None:
     in_meeting = {**CAMERA, "in_use": True, "users": ["zoom"], "meeting": True}
     write_bus(tmp_path / "bus.json", in_meeting, SPEAKER)
     db = tmp_path / "collector.sqlite"

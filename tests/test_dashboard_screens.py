@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 
 from tests.builder import CAM
-from tests.test_dashboard import Site, browser, sign_in  # noqa: F401  (browser: the fixture)
-from tests.web_helpers import SPK_B
+from tests.web_helpers import SPK_B, Site, sign_in
 
 OUT = Path("/tmp/pantau-screens")
 
@@ -46,7 +45,7 @@ def _no_overflow(page: Any) -> None:
 
 
 @pytest.mark.parametrize("width,height", [(1280, 800), (390, 844)])
-def test_screens(site: Site, browser: Any, width: int, height: int) -> None:  # noqa: F811
+def test_screens(site: Site, browser: Any, width: int, height: int) -> None:
     OUT.mkdir(exist_ok=True)
     page = sign_in(browser, site, "ani")
     page.set_viewport_size({"width": width, "height": height})

@@ -1,15 +1,21 @@
-"""Test helpers for the authenticated web API: accounts, a signed-in client, API tokens."""
+"""Test helpers for the authenticated web API: accounts, a signed-in client, API tokens, and the site the
+dashboard's Chromium tests sign in to."""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from collector import users
+from collector.ingest import Collector, Inbound
 from collector.store.sqlite import SqliteStore
+from collector.web.server import WebServer
 from tests.builder import REGISTRY as BASE_REGISTRY
-from tests.builder import device
+from tests.builder import Agent, device
 
 PASSWORD = "kata-sandi-uji-1"
 SPK_B = device("0b0e:2456:SPKB", "speakerphone", "3-1")
@@ -98,3 +104,47 @@ def build_site(db: str, registry_file: str) -> Any:
         c.ingest([Inbound(rec["topic"], json.dumps(rec["payload"]).encode(), time.time())])
     c.tick()
     return c
+
+
+# ---------------------------------------------------------------- the dashboard in Chromium
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+XSS = {"product": "<img src=x onerror=window.__xss=1>", "vendor": "<script>window.__xss=2</script>",
+       "serial": "\"><img src=x onerror=window.__xss=3>"}
+EVIL = device(f"1234:5678:{XSS['serial']}", "camera", "1-4", product=XSS["product"], vendor=XSS["vendor"],
+              serial=XSS["serial"])
+
+
+class Site:
+    def __init__(self, tmp: Path) -> None:
+        self.collector: Collector = build_site(str(tmp / "c.sqlite"), str(tmp / "r.toml"))
+        store = self.store = self.collector.store
+        lines: list[str] = []
+        x = Agent("ruang-xss", "bootxxxx0001", lines).started(devices=[EVIL])  # labels: setjen
+        x.error(31, EVIL, "video.stream_error")
+        for line in lines:
+            rec = json.loads(line)
+            self.collector.ingest([Inbound(rec["topic"], json.dumps(rec["payload"]).encode(), time.time())])
+        self.collector.tick()
+        store.db.execute("UPDATE agents SET clock = '2026-11-30T01:05:00.000Z', clock_offset_s = -300 "
+                         "WHERE agent = 'room-1'")
+        store.db.execute("UPDATE agents SET clock_offset_s = 2.5 WHERE agent = 'aula-bpsdm'")
+        for name, role, unit in (("root", "admin", None), ("ani", "operator", None), ("citra", "pic", "bpsdm"),
+                                 ("dewi", "viewer", None)):
+            add_user(store, name, role, unit)
+        self.web = WebServer(self.collector, "127.0.0.1", 0)
+        self.web.start()
+        self.url = self.web.address
+        self.ids = {r["device"]: r["id"] for r in store.query("SELECT id, device FROM incidents")}
+
+
+def sign_in(browser: Any, site: Site, name: str) -> Any:
+    page = browser.new_context().new_page()
+    page.goto(site.url)
+    page.wait_for_url("**/login")
+    page.fill("#username", name)
+    page.fill("#password", PASSWORD)
+    page.click("#login button[type=submit]")
+    page.wait_for_selector("body[data-ready='1']")
+    return page
