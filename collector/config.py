@@ -39,6 +39,7 @@ class CollectorConfig:
     central_it_email: str | None = None  # comma-separated
     webhook_url: str | None = None
     notify_delay_s: float = 60.0
+    notify_fleet: bool = True  # also announce room PCs offline too long and clocks off (docs/dashboard.md)
     dashboard_url: str | None = None
     audit_key_file: str | None = None  # default: audit.key beside the database
     session_hours: float = 12.0
@@ -80,7 +81,7 @@ _FLOATS: dict[str, tuple[float, float]] = {"notify_delay_s": (0.0, 86400.0 * 7),
                                            "http_request_timeout_s": (0.5, 3600.0),
                                            "enroll_expires_h": (0.01, 24.0 * 90),
                                            "offline_after_s": (60.0, 86400.0 * 30), "tz_offset_h": (-12.0, 14.0)}
-_BOOLS = {"metrics_require_token"}
+_BOOLS = {"metrics_require_token", "notify_fleet"}
 _TRUE = ("true", "1", "yes", "on")
 
 

@@ -11,6 +11,10 @@ back-off, and a delivery that went is never sent again (a webhook that never ans
 make the e-mail go twice). Every attempt has a connect timeout and a total deadline: a peer that
 answers one byte at a time is cut off when the deadline passes. Header values are made safe (a
 CR/LF in a device key or a registry name cannot break or add mail headers).
+
+Other watchers announce through the same channels and record (``add_source``, ``record``,
+``announced``): their deliveries carry ``<source>:<key>`` where an incident's carry its id, and the
+source renders the message (``collector/fleet_notify.py``: room PCs offline too long, clocks off).
 """
 
 from __future__ import annotations
@@ -92,6 +96,19 @@ class NotifyConfig:
     @property
     def channels(self) -> list[str]:
         return [c for c, on in (("email", bool(self.smtp_host)), ("webhook", bool(self.webhook_url))) if on]
+
+
+@dataclass
+class Message:
+    """What one delivery says: mail subject and body, the webhook's JSON, and the unit PIC's address."""
+
+    subject: str
+    body: str
+    payload: dict[str, Any]
+    pic_email: str | None = None
+
+
+Render = Callable[[dict[str, Any]], Message | None]  # a notify_delivery row -> its message; None: gone
 
 
 @dataclass
@@ -214,9 +231,13 @@ class Notifier:
         self._schedule_lock = threading.Lock()
         self.sent = 0
         self.failures = 0
+        self._sources: dict[str, Render] = {}
         for sql in SCHEMA:
             with store.tx() as db:
                 db.execute(sql)
+        with store.tx() as db:  # added for other sources: what they said, as of the change (JSON)
+            if "detail" not in {r[1] for r in db.execute("PRAGMA table_info(notify_delivery)")}:
+                db.execute("ALTER TABLE notify_delivery ADD COLUMN detail TEXT")
         self._announced: dict[str, tuple[str, str]] = {
             r["incident"]: (r["status"], r["cause"]) for r in store.query(
                 "SELECT incident, status, cause FROM notify_delivery WHERE id IN "
@@ -271,6 +292,41 @@ class Notifier:
         self._schedule()
         return sum(self._deliver(ch) for ch in self.cfg.channels)
 
+    # ------------------------------------------------------------------ other sources
+    def add_source(self, name: str, render: Render) -> None:
+        """Deliveries recorded as ``<name>:<key>`` are rendered by ``render`` (None: the subject is gone)."""
+        if not name or ":" in name:
+            raise ValueError(f"notification source {name!r}: a non-empty name without ':'")
+        self._sources[name] = render
+
+    def announced(self, name: str) -> dict[str, tuple[str, str]]:
+        """The last (status, cause) recorded for each key of source ``name``, from the store."""
+        rows = self.store.query(
+            "SELECT incident, status, cause FROM notify_delivery WHERE id IN (SELECT max(id) FROM notify_delivery "
+            "WHERE incident >= ? AND incident < ? GROUP BY incident)", (f"{name}:", f"{name};"))
+        return {r["incident"][len(name) + 1:]: (r["status"], r["cause"]) for r in rows}
+
+    def record(self, name: str, key: str, status: str, cause: str, detail: dict[str, Any] | None = None) -> None:
+        """Announce ``status``/``cause`` of ``<name>:<key>`` once on every channel, with ``detail`` (the
+        facts as of the change, kept as JSON for the renderer); a delivery of an earlier state not
+        made yet is superseded. Then wake the channels."""
+        if name not in self._sources:
+            raise ValueError(f"notification source {name!r} is not registered")
+        ref, wall = f"{name}:{key}", time.time()
+        text = None if detail is None else json.dumps(detail, sort_keys=True)
+        with self.store.tx() as db:
+            db.execute("UPDATE notify_delivery SET state = 'superseded' WHERE incident = ? AND state = 'pending'",
+                       (ref,))
+            for ch in self.cfg.channels:
+                db.execute("INSERT INTO notify_delivery (incident, status, cause, channel, created_at, next_at, "
+                           "detail) VALUES (?, ?, ?, ?, ?, ?, ?)", (ref, status, cause, ch, wall, wall, text))
+        for ev in self._wake.values():
+            ev.set()
+
+    def _source(self, ref: str) -> Render | None:
+        name, sep, _ = ref.partition(":")
+        return self._sources.get(name) if sep else None
+
     # ------------------------------------------------------------------ confirming changes
     def _schedule(self) -> int:
         """Turn confirmed changes into recorded deliveries, one per channel; returns how many changes."""
@@ -316,18 +372,25 @@ class Notifier:
                 n += self._attempt(channel, d)
         return n
 
-    def _attempt(self, channel: str, d: dict[str, Any]) -> int:
+    def _render(self, d: dict[str, Any]) -> Message | None:
+        render = self._source(d["incident"])
+        if render is not None:
+            return render(d)
         rows = self.store.query("SELECT * FROM incidents WHERE id = ?", (d["incident"],))
-        if not rows:
-            self._finish(d, "skipped", "the incident is gone")
-            return 0
-        row = dict(rows[0], status=d["status"])
+        return self._incident_message(dict(rows[0], status=d["status"])) if rows else None
+
+    def _attempt(self, channel: str, d: dict[str, Any]) -> int:
         try:
+            msg = self._render(d)
+            if msg is None:
+                self._finish(d, "skipped", "the incident is gone" if self._source(d["incident"]) is None
+                             else "its subject is gone")
+                return 0
             if channel == "email":
-                done = self._email(row)
+                done = self._send_email(msg, d["incident"])
             else:
                 assert self.cfg.webhook_url
-                post_json(self.cfg, self.cfg.webhook_url, json.dumps(self._message(row)[2]).encode())
+                post_json(self.cfg, self.cfg.webhook_url, json.dumps(msg.payload).encode())
                 done = True
         except Exception as exc:
             self.failures += 1
@@ -335,7 +398,7 @@ class Notifier:
             error = f"{type(exc).__name__}: {exc}"
             now = time.time()
             if now - d["created_at"] > self.cfg.give_up_s:
-                log.error("giving up the %s notification for incident %s after %d attempts: %s",
+                log.error("giving up the %s notification for %s after %d attempts: %s",
                           channel, d["incident"], attempts, error)
                 self._finish(d, "gave_up", error, attempts)
                 return 0
@@ -343,7 +406,7 @@ class Notifier:
             with self.store.tx() as db:
                 db.execute("UPDATE notify_delivery SET attempts = ?, last_error = ?, next_at = ? WHERE id = ?",
                            (attempts, error[:500], now + wait, d["id"]))
-            log.warning("%s notification for incident %s failed (attempt %d, next in %.0f s): %s",
+            log.warning("%s notification for %s failed (attempt %d, next in %.0f s): %s",
                         channel, d["incident"], attempts, wait, error)
             return 0
         if not done:
@@ -359,25 +422,27 @@ class Notifier:
                        (state, error, d["attempts"] if attempts is None else attempts,
                         format_epoch(time.time()) if state == "sent" else None, d["id"]))
 
-    def _email(self, row: dict[str, Any]) -> bool:
+    def _incident_message(self, row: dict[str, Any]) -> Message:
         subject, body, payload = self._message(row)
+        return Message(subject, body, payload, (payload["registry"].get("pic") or {}).get("email"))
+
+    def _send_email(self, m: Message, ref: str) -> bool:
         wanted = list(self.cfg.central_it)
-        pic = (payload["registry"].get("pic") or {}).get("email")
-        if pic:
-            wanted.append(pic)
+        if m.pic_email:
+            wanted.append(m.pic_email)
         to = []
         for addr in wanted:
             if isinstance(addr, str) and address_ok(addr.strip()):
                 to.append(addr.strip())
             else:
-                log.warning("not mailing %r (incident %s): not a plain e-mail address", addr, row["id"])
+                log.warning("not mailing %r (%s): not a plain e-mail address", addr, ref)
         if not to:
             return False
         msg = EmailMessage()
         msg["From"] = header_safe(self.cfg.smtp_from)
         msg["To"] = ", ".join(to)
-        msg["Subject"] = header_safe(subject)
-        msg.set_content(body)
+        msg["Subject"] = header_safe(m.subject)
+        msg.set_content(m.body)
         send_mail(self.cfg, msg, to)
         return True
 

@@ -45,6 +45,12 @@ class Service:
                 webhook_url=cfg.webhook_url, delay_s=float(cfg.notify_delay_s),
                 dashboard_url=cfg.dashboard_url or ""))
             self.collector.book.listeners.append(self.notifier.on_incident)
+        self.fleet_watch = None
+        if self.notifier is not None and cfg.notify_fleet:  # offline too long, clocks off
+            from collector.fleet_notify import FleetWatch
+            from collector.web.settings import fleet_settings
+
+            self.fleet_watch = FleetWatch(self.store, self.notifier, fleet_settings(cfg))
         self.cfg = cfg
         self.workers: list[subprocess.Popen[bytes]] = []
         self.subscriber = None
@@ -109,11 +115,16 @@ class Service:
             try:
                 self.collector.tick()
                 self.store.roll_up_and_expire(time.time())
-                leases.sweep(self.store)  # loan-out and return snapshots that are due
+                leases.sweep(self.store)  # loan-out and return snapshots that are due; lease-ended accounts
                 if self.collector.timeseries is not None:
                     self.collector.timeseries.retry_buffer()
             except Exception:
                 logging.getLogger(__name__).exception("maintenance failed")
+            try:
+                if self.fleet_watch is not None:
+                    self.fleet_watch.check()
+            except Exception:
+                logging.getLogger(__name__).exception("fleet notifications failed")
 
     def stop(self) -> None:
         self._stop.set()
