@@ -141,6 +141,11 @@ class DynsecAdmin:
         r = self.run([{"command": "disableClient", "username": agent_id}], allow=("Client not found",))
         return not r[0].get("error")
 
+    def enable_agent(self, agent_id: str) -> bool:
+        """Enable the agent's client again, password unchanged; False if the broker has no such client."""
+        r = self.run([{"command": "enableClient", "username": agent_id}], allow=("Client not found",))
+        return not r[0].get("error")
+
     def client_info(self, agent_id: str) -> dict[str, Any] | None:
         r = self.run([{"command": "getClient", "username": agent_id}], allow=("Client not found",))
         client = (r[0].get("data") or {}).get("client")

@@ -5,7 +5,8 @@ An operator creates a token for a registered room (``pantau-collector enroll --u
 the collector's certificate fingerprint (``pantau-agent enroll``): it receives its agent id, labels,
 the broker URL and CA, and a broker account made for it alone (``collector/dynsec.py``). A token
 works once, until it expires; every attempt, refused or not, is written to the audit chain.
-``disable_agent`` ends an agent's broker account (decommissioned, lease ended, PC replaced).
+``disable_agent`` ends an agent's broker account (decommissioned, lease ended, PC replaced);
+``enable_agent`` gives it back (a new loan of its room: ``collector/leases.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ MAX_EXPIRY_S = 90 * 86400.0
 
 class EnrollError(ValueError):
     """A refused request: one line for the person at the room PC or the operator."""
+
+
+class BrokerError(EnrollError):
+    """The broker could not be reached, or its dynamic security plugin refused (one line)."""
 
 
 def _sha(token: str) -> str:
@@ -234,8 +239,9 @@ def redeem(store: SqliteStore, settings: EnrollSettings, token: str, remote: str
 
 
 def disable_agent(store: SqliteStore, settings: EnrollSettings | None, agent: str, by: str,
-                  reason: str = "") -> dict[str, Any]:
-    """Disable an agent's broker account now (the broker drops its connection); audited."""
+                  reason: str = "", detail: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Disable an agent's broker account now (the broker drops its connection); audited (with
+    ``detail`` added to the audit entry)."""
     if not valid_agent_id(agent):
         raise EnrollError(f"agent id {agent!r}: 1-64 characters of a-z 0-9 - _ .")
     if settings is None or settings.dynsec is None:
@@ -243,7 +249,7 @@ def disable_agent(store: SqliteStore, settings: EnrollSettings | None, agent: st
     try:
         on_broker = settings.dynsec.disable_agent(agent)
     except DynsecError as exc:
-        raise EnrollError(str(exc)) from None
+        raise BrokerError(str(exc)) from None
     known = bool(store.query("SELECT 1 FROM agent_accounts WHERE agent = ?", (agent,)))
     if not on_broker and not known:
         raise EnrollError(f"no agent {agent!r}: it was never enrolled and has no broker account")
@@ -251,9 +257,33 @@ def disable_agent(store: SqliteStore, settings: EnrollSettings | None, agent: st
     with store.tx() as db:
         db.execute("UPDATE agent_accounts SET disabled_at = ?, disabled_by = ?, disabled_reason = ? WHERE agent = ?",
                    (at, by, reason[:500], agent))
-        audit.append(db, at, by, None, "agent.disabled", {"agent": agent, "reason": reason[:500],
+        audit.append(db, at, by, None, "agent.disabled", {**(detail or {}), "agent": agent, "reason": reason[:500],
                                                           "broker_account": on_broker})
     return {"agent": agent, "disabled_at": at, "broker_account": on_broker}
+
+
+def enable_agent(store: SqliteStore, settings: EnrollSettings | None, agent: str, by: str, reason: str = "",
+                 detail: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Enable a disabled agent's broker account again, its password unchanged (the room PC's agent,
+    still configured, connects again); audited. A new enrollment does this with a new password."""
+    if not valid_agent_id(agent):
+        raise EnrollError(f"agent id {agent!r}: 1-64 characters of a-z 0-9 - _ .")
+    if settings is None or settings.dynsec is None:
+        raise EnrollError("this collector manages no broker accounts (dynsec_username is not set)")
+    if not store.query("SELECT 1 FROM agent_accounts WHERE agent = ?", (agent,)):
+        raise EnrollError(f"no agent {agent!r}: it was never enrolled")
+    try:
+        on_broker = settings.dynsec.enable_agent(agent)
+    except DynsecError as exc:
+        raise BrokerError(str(exc)) from None
+    if not on_broker:
+        raise EnrollError(f"the broker has no account {agent!r} any more: enroll the room PC again")
+    at = now_ts()
+    with store.tx() as db:
+        db.execute("UPDATE agent_accounts SET disabled_at = NULL, disabled_by = NULL, disabled_reason = NULL "
+                   "WHERE agent = ?", (agent,))
+        audit.append(db, at, by, None, "agent.enabled", {**(detail or {}), "agent": agent, "reason": reason[:500]})
+    return {"agent": agent, "enabled_at": at}
 
 
 def accounts(store: Any) -> list[dict[str, Any]]:

@@ -9,19 +9,30 @@ opens no ``device_missing`` for it). ``sweep`` (run by the collector's housekeep
   (by any room PC), its last health and the incidents opened on it during the loan.
 Each loan (device and ``lease_start``) has at most one of each. ``flags`` lists lent devices seen in
 another room than theirs, and devices nobody lent that sit on an enrolled room PC.
+
+The same sweep ends broker accounts with the lease (``lease_accounts``): an enrolled room PC whose
+room's loans have all ended or been returned, the last of them after the PC was enrolled, has its
+account disabled (reason "lease ended", audited, through ``enroll.disable_agent``); a loan of that
+room running again (a new or extended one) enables it again, unless a person disabled it.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, date, datetime
+import logging
+import threading
+import time
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from collector import audit
+from collector import audit, enroll
 from collector.registry import Queryable, RegistryError
 from collector.store.sqlite import SqliteStore, dumps
 from common.protocol import now_ts
 
+log = logging.getLogger(__name__)
+LEASE_ENDED = "lease ended"
+ACTOR = "collector"  # who disables and enables accounts at a lease's end and a new loan, in the audit chain
 IDENTITY = ("key", "vid", "pid", "serial", "kind", "vendor", "product", "firmware", "port", "speed", "max_speed")
 
 
@@ -43,6 +54,30 @@ def ended(loan: dict[str, Any], now: datetime) -> bool:
         return now.date() > date.fromisoformat(end)
     except ValueError:
         return False
+
+
+def end_moment(loan: dict[str, Any]) -> datetime | None:
+    """When the loan stopped: its return, or the end of its ``lease_end`` day (UTC), whichever came first."""
+    ends = []
+    if loan.get("lease_end"):
+        try:
+            ends.append(datetime.combine(date.fromisoformat(loan["lease_end"]), datetime.min.time(), UTC)
+                        + timedelta(days=1))
+        except ValueError:
+            pass
+    if loan.get("returned_at"):
+        t = _moment(loan["returned_at"])
+        if t is not None:
+            ends.append(t)
+    return min(ends) if ends else None
+
+
+def _moment(ts: str | None) -> datetime | None:
+    try:
+        t = datetime.fromisoformat((ts or "").replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def _serial(key: str) -> str | None:
@@ -100,8 +135,11 @@ def _last_seen_device(store: Queryable, loan: dict[str, Any]) -> tuple[str | Non
     return rows[0]["agent"], dev if isinstance(dev, dict) else None, rows[0]["received_at"]
 
 
-def sweep(store: SqliteStore, now: datetime | None = None) -> dict[str, int]:
-    """Take the snapshots that are due; returns how many of each were taken."""
+def sweep(store: SqliteStore, now: datetime | None = None,
+          settings: enroll.EnrollSettings | None = None) -> dict[str, int]:
+    """Take the snapshots that are due, then end or give back broker accounts (``lease_accounts``, with
+    ``settings`` or the enrollment settings the service configured); returns how many snapshots of
+    each kind were taken."""
     now = now or datetime.now(UTC)
     at = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     loans = store.query("SELECT * FROM loans")
@@ -134,7 +172,80 @@ def sweep(store: SqliteStore, now: datetime | None = None) -> dict[str, int]:
                 data["lease_end"] = loan.get("lease_end")
                 data["incidents"] = _incidents_during(store, loan, found[1])
                 taken["return"] += _store(db, loan, "return", at, found[0], loan["room"], data)
+    lease_accounts(store, settings or enroll.current(), now)
     return taken
+
+
+_accounts_lock = threading.Lock()
+_broker_wait: dict[tuple[str, int, str], tuple[float, float]] = {}  # broker -> (retry at, back-off s), monotonic
+_agent_wait: dict[str, tuple[float, float]] = {}  # an account the broker refused to change -> the same
+
+
+def _back_off(waits: dict[Any, tuple[float, float]], key: Any) -> float:
+    wait = waits.get(key)
+    backoff = min(900.0, 2 * wait[1]) if wait is not None else 60.0
+    waits[key] = (time.monotonic() + backoff, backoff)
+    return backoff
+
+
+def lease_accounts(store: SqliteStore, settings: enroll.EnrollSettings | None,
+                   now: datetime | None = None) -> dict[str, list[str]]:
+    """Disable the broker account of every enrolled room PC whose room's loans have all ended or been
+    returned, the last of them after the PC was enrolled (reason "lease ended"); enable it again when
+    a loan of its room runs again, if it was disabled that way. A room with no loans is left alone.
+    Without broker management (``dynsec_username``) nothing is done. A broker that cannot be reached
+    is tried again after a back-off (1 min, doubling to 15 min); nothing is marked meanwhile."""
+    done: dict[str, list[str]] = {"disabled": [], "enabled": []}
+    if settings is None or settings.dynsec is None:
+        return done
+    now = now or datetime.now(UTC)
+    b = settings.dynsec.broker
+    target = (b.host, b.port, settings.dynsec.username)
+    with _accounts_lock:
+        wait = _broker_wait.get(target)
+        if wait is not None and time.monotonic() < wait[0]:
+            return done
+        skip = {a for a, w in _agent_wait.items() if time.monotonic() < w[0]}
+        loans = store.query("SELECT * FROM loans WHERE room IS NOT NULL")
+        for acct in store.query("SELECT * FROM agent_accounts ORDER BY agent"):
+            agent = acct["agent"]
+            if agent in skip:
+                continue
+            rooms = {acct["room"]} | {r["id"] for r in store.query("SELECT id FROM rooms WHERE agent = ?", (agent,))}
+            mine = [ln for ln in loans if ln["room"] in rooms]
+            if not mine:
+                continue
+            running = [ln["device"] for ln in mine if not ended(ln, now)]
+            detail = {"rooms": sorted(rooms), "loans": sorted(ln["device"] for ln in mine)}
+            try:
+                if acct["disabled_at"] is None and not running:
+                    last = max((m for m in map(end_moment, mine) if m is not None), default=None)
+                    since = _moment(acct["enrolled_at"])
+                    if last is None or (since is not None and last < since):
+                        continue  # enrolled after the last loan ended: the operator's choice stands
+                    enroll.disable_agent(store, settings, agent, ACTOR, LEASE_ENDED,
+                                         {**detail, "ended_at": last.strftime("%Y-%m-%dT%H:%M:%SZ")})
+                    done["disabled"].append(agent)
+                    log.info("disabled the broker account of %s: every loan of %s has ended", agent,
+                             ", ".join(sorted(rooms)))
+                elif (acct["disabled_at"] is not None and running and acct["disabled_by"] == ACTOR
+                      and acct["disabled_reason"] == LEASE_ENDED):
+                    enroll.enable_agent(store, settings, agent, ACTOR, "loan running",
+                                        {**detail, "running": sorted(running)})
+                    done["enabled"].append(agent)
+                    log.info("enabled the broker account of %s again: %s lent to its room", agent,
+                             ", ".join(sorted(running)))
+            except enroll.BrokerError as exc:  # the broker is away: no account is changed until it is back
+                log.warning("broker accounts are not changed (the next try in %.0f s): %s",
+                            _back_off(_broker_wait, target), exc)
+                return done
+            except enroll.EnrollError as exc:  # this account alone
+                log.warning("the broker account of %s was not changed (the next try in %.0f s): %s", agent,
+                            _back_off(_agent_wait, agent), exc)
+                continue
+            _agent_wait.pop(agent, None)
+        _broker_wait.pop(target, None)
+    return done
 
 
 def _incidents_during(store: Queryable, loan: dict[str, Any], dev: dict[str, Any] | None) -> list[dict[str, Any]]:
