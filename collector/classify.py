@@ -12,7 +12,7 @@ import bisect
 import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from collector.policy import (
     DEVICE_KIND_NAMES,
@@ -24,7 +24,7 @@ from collector.policy import (
     rules_for,
 )
 from collector.timeline import AgentHistory, Evidence, is_dashboard_boot
-from common.protocol import ERROR_CODES, format_epoch
+from common.protocol import ERROR_CODES, DeviceObject, format_epoch
 
 _ANCHORS = ("agent.started", "host.resumed")
 
@@ -42,7 +42,7 @@ class Incident:
     resolved_at: str | None = None
     mark: Evidence | None = None
     rule: Rule | None = None
-    device_info: dict[str, Any] = field(default_factory=dict)
+    device_info: DeviceObject | dict[str, Any] = field(default_factory=dict)
     order: float = 0.0  # timeline position of its first evidence
 
     @property
@@ -123,7 +123,7 @@ def summary(inc: Incident, lang: str = "id") -> str:
 
 
 def _family(ev: Evidence) -> str | None:
-    code = (ev.error or {}).get("code")
+    code = ev.error.get("code") if ev.error else None
     return ERROR_CODES.get(code) if isinstance(code, str) else None
 
 
@@ -136,11 +136,11 @@ def _with_restart_detaches(tl: list[Evidence]) -> list[Evidence]:
     after it, absent from the first inventory after the next ``agent.started``, counts as detached
     (not in use) at that ``agent.started``."""
     out: list[Evidence] = []
-    prev_listed: dict[str, dict[str, Any]] | None = None  # last inventory of the previous boot, less later detaches
+    prev_listed: dict[str, DeviceObject] | None = None  # last inventory of the previous boot, less later detaches
     prev_ts = 0.0  # and its ts
     listed_ts = 0.0
     cur_boot: str | None = None
-    listed: dict[str, dict[str, Any]] | None = None
+    listed: dict[str, DeviceObject] | None = None
     anchor: Evidence | None = None
     attached_before_inv: set[str] = set()
     first_inv_done = False
@@ -212,7 +212,7 @@ class _Facts:
         self.asleep: set[int] = set()
         self.starts: list[Evidence] = []
         self.boot_of: list[_Boot | None] = []
-        self.last_device: dict[str, dict[str, Any]] = {}
+        self.last_device: dict[str, DeviceObject] = {}
         self._mark_cache: dict[int, Evidence | None] = {}
         self._sleep_end: dict[int, Evidence] = {}  # sleep detach -> the host.resumed that ended that sleep
         self.trouble_ts: list[tuple[float, str]] = []
@@ -261,8 +261,9 @@ class _Facts:
         if ev.kind == "inventory":
             for d in ev.devices:
                 self.seen[d["key"]].append(i)
-                if isinstance(d.get("port"), str):
-                    last_port[d["key"]] = d["port"]
+                port = d.get("port")
+                if isinstance(port, str):
+                    last_port[d["key"]] = port
                 self.last_device[d["key"]] = d
             return
         if ev.kind == "telemetry":
@@ -273,7 +274,7 @@ class _Facts:
         if key is None:
             return
         if ev.device:
-            self.last_device[key] = {**self.last_device.get(key, {}), **ev.device}
+            self.last_device[key] = cast(DeviceObject, {**self.last_device.get(key, {}), **ev.device})
         if t == "device.detached":
             self.detaches.append((i, None))
             self.detach_idx[key].append(i)
@@ -285,7 +286,7 @@ class _Facts:
         elif t == "device.attached":
             self.attaches[key].append(i)
             self.seen[key].append(i)
-            port = (ev.device or {}).get("port")
+            port = ev.device.get("port") if ev.device else None
             prev = last_port.get(key)
             if "@" not in key and prev is not None and isinstance(port, str) and port != prev:
                 self.marks[key].append(ev)
@@ -294,7 +295,7 @@ class _Facts:
                 self.marks[key].append(ev)
         elif _is_trouble_error(ev):
             self.errors[key].append(i)
-        port = (ev.device or {}).get("port")
+        port = ev.device.get("port") if ev.device else None
         if isinstance(port, str):
             last_port[key] = port
 
@@ -328,7 +329,7 @@ class _Facts:
         if a is None:
             return False
         att = self.tl[a]
-        same_port = (att.device or {}).get("port") == (d.device or {}).get("port")
+        same_port = (att.device.get("port") if att.device else None) == (d.device.get("port") if d.device else None)
         return same_port and 0 <= att.ts - d.ts <= self.w.quick_replug_s and not self.error_between(d.key, i, a)
 
     # ------------------------------------------------------------------ what rule predicates ask

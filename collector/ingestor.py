@@ -28,7 +28,10 @@ from collector.timeline import DASHBOARD_BOOT_PREFIX, WILL_SEQ, AgentClocks, is_
 from common.protocol import (
     DEFAULT_PREFIX,
     SPEED_RANK,
+    DeviceObject,
+    HostGauges,
     Message,
+    Payload,
     ProtocolError,
     Topic,
     decode_message,
@@ -348,12 +351,11 @@ class Ingestor:
                    upd: dict[str, Any]) -> None:
         p = msg.payload
         t = ts_seconds(stamp)
-        raw_host = p.get("host")
-        host: dict[str, Any] = raw_host if isinstance(raw_host, dict) else {}
+        host = p.get("host") or HostGauges()
         host_values = [_num(host.get(k)) for k in HOST_METRICS]
         b.host_rows.append((t, msg.agent, *host_values, received_at))
         devices = [(d["key"], (_flag(d.get("present")), _flag(d.get("in_use")), _num(d.get("errors_total")),
-                               _num(d.get("resets_total")), SPEED_RANK.get(d.get("speed", ""))))
+                               _num(d.get("resets_total")), SPEED_RANK.get(d.get("speed") or "")))
                    for d in p["devices"]]
         b.device_rows.extend((t, msg.agent, key, *values, received_at) for key, values in devices)
         upd["host"] = host  # serialised once per batch, in _update_agent
@@ -369,8 +371,8 @@ class Ingestor:
         if present and (present != last or events_since):
             # evidence only when it can say something new: a device seen again
             b.tele[msg.agent] = (present, False)
-            slim = {"v": 1, "agent": msg.agent, "boot": msg.boot, "seq": msg.seq, "ts": stamp, "kind": "telemetry",
-                    "devices": [{"key": k, "present": True} for k in sorted(present)]}
+            slim = Payload(v=1, agent=msg.agent, boot=msg.boot, seq=msg.seq or 0, ts=stamp, kind="telemetry",
+                           devices=[DeviceObject(key=k, present=True) for k in sorted(present)])
             cur = db.execute("INSERT INTO evidence (agent, boot, seq, ts, kind, type, device, payload, received_at) "
                              "VALUES (?,?,?,?,?,?,?,?,?)", (msg.agent, msg.boot, msg.seq, stamp, "telemetry",
                                                             "telemetry", None, dumps(slim), format_epoch(received_at)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.protocol import Message, ts_seconds
+from common.protocol import DeviceObject, ErrorObject, Message, ts_seconds
 
 DASHBOARD_BOOT_PREFIX = "dashboard-"
 WILL_SEQ = -1  # a will has no seq; it is stored and deduplicated under this one
@@ -33,11 +33,11 @@ class Evidence:
     kind: str  # state | inventory | telemetry | event
     type: str  # event type, or the kind for non-events
     key: str | None = None  # device key for device events
-    device: dict[str, Any] | None = None
+    device: DeviceObject | None = None
     context: dict[str, Any] = field(default_factory=dict)
-    error: dict[str, Any] | None = None
+    error: ErrorObject | None = None
     keys: tuple[str, ...] = ()  # inventory: listed keys; telemetry: keys present
-    devices: tuple[dict[str, Any], ...] = ()  # inventory device objects
+    devices: tuple[DeviceObject, ...] = ()  # inventory device objects
     synthetic: bool = False  # derived by the engine (absent after a restart)
     basis_ts: float | None = None  # synthetic: the ts of the inventory it was derived from
     mismatch: bool = False  # a handling report naming a device lent to another room

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Required, TypedDict, cast
 
 VERSION = 1
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -132,12 +132,75 @@ class Topic:
         return f"{self.prefix}/v{VERSION}/agents/{self.agent}/{self.channel}"
 
 
+class DeviceObject(TypedDict, total=False):
+    """A device as the wire carries it (PROTOCOL.md "Device object"; telemetry adds the gauges)."""
+
+    key: Required[str]
+    vid: str | None
+    pid: str | None
+    serial: str | None
+    kind: str | None
+    vendor: str | None
+    product: str | None
+    port: str | None
+    speed: str | None
+    max_speed: str | None
+    firmware: str | None
+    present: bool | None
+    in_use: Any  # a non-boolean reads as false
+    errors_total: int | None
+    resets_total: int | None
+
+
+class ErrorObject(TypedDict, total=False):
+    code: Required[str]
+    source: str | None
+    errno: int | None
+    problem_code: int | None
+    message: str | None
+    count: int | None
+
+
+class HostGauges(TypedDict, total=False):
+    cpu_pct: float | None
+    mem_pct: float | None
+    disk_pct: float | None
+    uptime_s: float | None
+    temp_c: float | None
+
+
+class Payload(TypedDict, total=False):
+    """A validated payload: the envelope, and the members of its kind that validation checked."""
+
+    v: Required[int]
+    agent: Required[str]
+    boot: Required[str]
+    kind: Required[str]
+    seq: int  # absent only in a will
+    ts: str  # absent only in a will
+    type: str  # event
+    device: DeviceObject  # device events
+    error: ErrorObject  # device.error, device.recovered
+    context: dict[str, Any]  # event (free-form; known members validated)
+    devices: list[DeviceObject]  # inventory, telemetry
+    host: HostGauges  # telemetry
+    spool: dict[str, int]  # telemetry
+    state: str  # state
+    reason: str | None  # state offline
+    labels: dict[str, str]  # state online
+    hostname: str | None
+    version: str | None
+    platform: str | None
+    interval_s: float | None
+    spool_dropped: int | None
+
+
 @dataclass(slots=True)
 class Message:
     """A validated message. ``ts`` and ``seq`` are None only for a will."""
 
     topic: Topic
-    payload: dict[str, Any]
+    payload: Payload
 
     @property
     def agent(self) -> str:
@@ -710,7 +773,7 @@ def decode_message(topic: str, raw: bytes | str | dict[str, Any], prefix: str | 
             payload = decode_json(bytes(raw) if not isinstance(raw, str) else raw)
         else:
             raise ProtocolError("bad_json", "payload must be bytes, text or an object")
-        return Message(t, validate_payload(payload, t))
+        return Message(t, cast(Payload, validate_payload(payload, t)))  # validated: of the Payload shape
     except ProtocolError:
         raise
     except Exception as exc:  # defensive: validation must never raise anything else
