@@ -137,6 +137,11 @@ def update_loan(store: SqliteStore, device: str, changes: dict[str, Any], by: st
             if room[0] != new["unit"]:
                 raise RegistryError(f"loan: room {new['room']!r} belongs to unit {room[0]!r}, not {new['unit']!r}")
         changed = {k: [(old or {}).get(k), new[k]] for k in LOAN_FIELDS if (old or {}).get(k) != new[k]}
+        if old is not None and "lease_start" in changed:  # a new lease period: the device is lent again
+            back = db.execute("SELECT returned_at FROM loans WHERE device = ?", (device,)).fetchone()
+            if back and back[0]:
+                db.execute("UPDATE loans SET returned_at = NULL WHERE device = ?", (device,))
+                changed["returned_at"] = [back[0], None]
         db.execute("INSERT INTO loans (device, unit, room, lease_start, lease_end, condition, note, source, "
                    "updated_by, updated_at) VALUES (?,?,?,?,?,?,?,'api',?,?) ON CONFLICT(device) DO UPDATE SET "
                    "unit=excluded.unit, room=excluded.room, lease_start=excluded.lease_start, "

@@ -170,3 +170,26 @@ def test_http_snapshots_return_and_flags(store: SqliteStore) -> None:
                           headers={"Authorization": f"Bearer {other}"}).status_code == 403
     finally:
         web.stop()
+
+
+def test_a_new_lease_period_lends_a_returned_device_again(tmp_path: Path) -> None:
+    from collector.registry import update_loan
+    from collector.store.sqlite import SqliteStore
+    from tests.builder import REGISTRY
+
+    store = SqliteStore(str(tmp_path / "n.sqlite"))
+    reg = tmp_path / "r.toml"
+    reg.write_text(REGISTRY)
+    from collector.registry import load_toml
+
+    load_toml(store, str(reg))
+    with store.tx() as db:
+        db.execute("UPDATE loans SET returned_at = '2026-11-01T00:00:00.000Z' WHERE device = '046d:085e:CAM1'")
+    update_loan(store, "046d:085e:CAM1", {"note": "checked"}, "ani", "2026-11-02T00:00:00.000Z")
+    assert store.query("SELECT returned_at FROM loans")[0]["returned_at"] is not None  # a note is no new loan
+    row = update_loan(store, "046d:085e:CAM1", {"lease_start": "2026-12-01", "lease_end": "2027-11-30"}, "ani",
+                      "2026-11-03T00:00:00.000Z")
+    assert row["returned_at"] is None
+    [entry] = store.query("SELECT detail FROM audit WHERE action = 'loan.updated' ORDER BY id DESC LIMIT 1")
+    assert "returned_at" in entry["detail"]
+    store.close()
