@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from collector.store.sqlite import DEVICE_METRICS, HOST_METRICS, SqliteStore, dumps
-from collector.timeline import DASHBOARD_BOOT_PREFIX, WILL_SEQ, AgentClocks, is_dashboard_boot
+from collector.timeline import WILL_SEQ, AgentClocks, is_dashboard_boot
 from common.protocol import (
+    DASHBOARD_BOOT_PREFIX,
     DEFAULT_PREFIX,
     SPEED_RANK,
     DeviceObject,

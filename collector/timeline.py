@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.protocol import DeviceObject, ErrorObject, Message, ts_seconds
+from common.protocol import DASHBOARD_BOOT_PREFIX, DeviceObject, ErrorObject, Message, ts_seconds
 
-DASHBOARD_BOOT_PREFIX = "dashboard-"
 WILL_SEQ = -1  # a will has no seq; it is stored and deduplicated under this one
 
 

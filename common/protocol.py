@@ -24,6 +24,7 @@ from typing import Any, Required, TypedDict, cast
 VERSION = 1
 MAX_PAYLOAD_BYTES = 64 * 1024
 DEFAULT_PREFIX = "pantau"
+DASHBOARD_BOOT_PREFIX = "dashboard-"  # the boot of a handling report made at the dashboard
 MAX_MESSAGE_CHARS = 512
 
 # Every JSON integer anywhere in a payload must fit SQLite's INTEGER (signed 64 bits).
@@ -750,6 +751,11 @@ def validate_payload(p: object, topic: Topic | None = None) -> dict[str, Any]:
             raise ProtocolError("bad_seq", "seq must be an integer >= 0")
         if seq > INT64_MAX:  # decode_json already refuses it; a dict given here directly may not have been
             raise ProtocolError("number_out_of_range", f"seq {seq} does not fit 64 bits")
+    if boot.startswith(DASHBOARD_BOOT_PREFIX) and (kind != "event" or p.get("type") != "handling.reported"
+                                                   or p.get("seq") != 1):
+        # a dashboard report is its own boot, `dashboard-<hex>`, seq 1; nothing else may borrow that form,
+        # since such a boot is no boot for the policy (it ends nothing and is placed by its ts)
+        raise ProtocolError("bad_boot", "a boot named dashboard-… carries only a handling.reported with seq 1")
     if kind == "event":
         _check_event(p)
     elif kind == "inventory":

@@ -507,3 +507,11 @@ def test_dumps_strict_output_is_accepted_by_the_decoder() -> None:
     p = event(context={"note": "catatan \u00e9 \U0001f600", "users": ["zoom"]})
     assert decode_message(TOPIC, dumps_strict(p)).payload == p
     assert decode_message(TOPIC, dumps_strict(p).encode()).payload == p
+
+
+def test_only_a_handling_report_with_seq_1_may_use_a_dashboard_boot() -> None:
+    dash = "dashboard-0123456789ab"
+    accept(event(boot=dash, seq=1, type="handling.reported", error=..., context={"note": "jatuh", "via": "dashboard"}))
+    assert reject(event(boot=dash, seq=1)) == "bad_boot"  # a device.error
+    assert reject(event(boot=dash, seq=2, type="handling.reported", error=..., context={"note": "x"})) == "bad_boot"
+    assert reject(telemetry(boot=dash)) == "bad_boot"
