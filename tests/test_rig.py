@@ -2,6 +2,10 @@
 speakerphone are enumerated by the guest's own kernel; the agent inside the guest publishes to
 a Mosquitto on this host; every assertion is on what reached the broker.
 
+The idle self-test's five measuring cases run in the same guest against the kernel's own test
+drivers (vivid, snd-aloop), since USB/IP here does not carry the gadgets' streams
+(docs/self-test.md); their assertions are on the wire events the agent's self-test produced.
+
 When the machine cannot run the rig (not root, no QEMU, no package mirror), the tests are
 skipped with one line saying why.
 """
@@ -20,7 +24,7 @@ import pytest
 
 from tests.conftest import Mosquitto
 from tests.procs import Recorder, wait_until
-from tests.rig.rig import Gadget, Rig, RigUnavailable, prepare
+from tests.rig.rig import Gadget, Rig, RigUnavailable, StandIns, prepare
 
 pytestmark = pytest.mark.rig
 AGENT = "rig-room"
@@ -38,14 +42,31 @@ class Room:
 
 
 @pytest.fixture(scope="session")
-def room() -> Iterator[Room]:
+def guest() -> Iterator[Rig]:
+    """The one booted guest every rig test shares."""
     try:
         cache = prepare()
     except RigUnavailable as exc:
         pytest.skip(f"USB rig not run: {exc}")
     work = Path(tempfile.mkdtemp(prefix="pantau-rig-"))
-    t0 = time.monotonic()
     rig = Rig(cache, work)
+    print(f"\nrig: guest booted in {rig.booted_s:.1f} s")
+    try:
+        yield rig
+    finally:
+        try:
+            log = rig.sh("cat /tmp/agent.log /tmp/uvc.log 2>/dev/null | tail -40", check=False)
+            (work / "guest-logs.txt").write_text(log)
+        except Exception:
+            pass
+        rig.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def room(guest: Rig) -> Iterator[Room]:
+    rig = guest
+    t0 = time.monotonic()
     broker = Mosquitto().start()
     try:
         rig.sh("sh /pantau/tests/rig/gadgets.sh camera && sh /pantau/tests/rig/gadgets.sh speaker")
@@ -56,8 +77,8 @@ def room() -> Iterator[Room]:
         r = Room(rig, broker)
         r.camera.plug()
         r.speaker.plug()
-        rig.sh("for i in $(seq 100); do [ -e /dev/video1 ] && ls /dev/snd/pcmC1D0p >/dev/null 2>&1 && exit 0; "
-               "sleep 0.2; done; exit 1", timeout=40)
+        wait_until(lambda: r.camera.nodes() and any("pcmC" in n for n in r.speaker.nodes()), 40, interval=0.2,
+                   what="the gadgets' device nodes")
         rig.spawn("agent", "python3 -m agent.cli run", env={
             "PYTHONPATH": "/pantau:/opt/pantau-py", "PYTHONDONTWRITEBYTECODE": "1", "PANTAU_AGENT_ID": AGENT,
             "PANTAU_BROKER": f"mqtt://10.0.2.2:{broker.port}", "PANTAU_STATE_DIR": "/tmp/agent-state",
@@ -67,17 +88,11 @@ def room() -> Iterator[Room]:
             # ends with the link dropped and the camera detached, which would break the tests below
             "PANTAU_SELF_TEST": "off"})
         wait_until(lambda: r.rec.of("inventory"), 90, what="the agent's first inventory")
-        print(f"\nrig: guest booted in {rig.booted_s:.1f} s; ready with agent in {time.monotonic() - t0:.1f} s")
+        print(f"\nrig: gadgets and agent ready in {time.monotonic() - t0:.1f} s")
         yield r
     finally:
-        try:
-            log = rig.sh("cat /tmp/agent.log /tmp/uvc.log 2>/dev/null | tail -40", check=False)
-            (work / "guest-logs.txt").write_text(log)
-        except Exception:
-            pass
-        rig.close()
+        rig.kill("agent")
         broker.close()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture
@@ -181,3 +196,83 @@ def test_once_matches_lsusb(room: Room) -> None:
         assert d["serial"] in verbose and d["product"] in verbose
         [line] = [ln for ln in lsusb.splitlines() if f"ID {d['vid']}:{d['pid']}" in ln]
         assert line.startswith(f"Bus {int(d['port'].split('-')[0]):03d} ")  # the same bus as the port path
+
+
+# --------------------------------------------------------------------------- the idle self-test
+@pytest.fixture(scope="session")
+def stand_ins(guest: Rig) -> StandIns:
+    return StandIns(guest)
+
+
+def _outcome(stand_ins: StandIns, events: list[dict[str, Any]], code: str | None) -> dict[str, Any]:
+    """The figures of the one device.self_test; a failure also came as a probe device.error."""
+    assert [e["type"] for e in events] == ["device.self_test"] + (["device.error"] if code else []), \
+        (events, stand_ins.log)
+    ctx = events[0]["context"]
+    assert (ctx["result"], ctx["code"], ctx["trigger"]) == ("fail" if code else "pass", code, "attach"), ctx
+    if code:
+        err = events[1]["error"]
+        assert (err["code"], err["source"], events[1]["context"]["self_test"]) == (code, "probe", ctx["test"])
+        assert err["message"].startswith(f"{ctx['node']}: self-test: ")
+    return dict(ctx["figures"])
+
+
+def test_self_test_camera_live_frames_pass(stand_ins: StandIns) -> None:
+    stand_ins.camera("noise")  # every frame new noise, as a live sensor's
+    fig = _outcome(stand_ins, stand_ins.self_test("camera", StandIns.VIDEO), None)
+    print(f"\nrig self-test, live camera: {fig} ({stand_ins.log})")
+    assert (fig["frames"], fig["pairs"], fig["identical_pairs"], fig["error_frames"]) == (5, 4, 0, 0)
+    # vivid's smallest webcam size; brightness from the Y bytes of real YUYV frames
+    assert (fig["format"], fig["width"], fig["height"], fig["brightness_from"]) == ("YUYV", 320, 180, "yuyv_y")
+    assert 0 < fig["first_frame_s"] < 2.0
+    assert 16 <= fig["brightness_mean"] <= 235 and fig["brightness_variance"] > 1000
+
+
+def test_self_test_camera_identical_frames_are_frozen(stand_ins: StandIns) -> None:
+    stand_ins.camera("colorbar")  # a still picture and nothing that changes: no OSD clock, no movement
+    fig = _outcome(stand_ins, stand_ins.self_test("camera", StandIns.VIDEO), "video.frozen")
+    print(f"\nrig self-test, frozen camera: {fig} ({stand_ins.log})")
+    assert (fig["frames"], fig["pairs"], fig["identical_pairs"], fig["error_frames"]) == (5, 4, 4, 0)
+    assert fig["brightness_variance"] > 1000  # a picture (the bars), not an empty buffer
+
+
+def test_self_test_camera_without_frames(stand_ins: StandIns) -> None:
+    stand_ins.camera("noise", dropped_percent=100)  # streaming starts; vivid returns no buffer
+    try:
+        events = stand_ins.self_test("camera", StandIns.VIDEO, first_frame_s=2.0)
+    finally:
+        stand_ins.camera("noise")
+    fig = _outcome(stand_ins, events, "video.no_frames")
+    print(f"\nrig self-test, camera without frames: {fig} ({stand_ins.log})")
+    assert (fig["frames"], fig["error_frames"], fig["first_frame_s"], fig["format"]) == (0, 0, None, "YUYV")
+    assert events[0]["context"]["duration_s"] >= 2.0  # the whole allowance was waited for
+
+
+def test_self_test_microphone_noise_passes(stand_ins: StandIns) -> None:
+    stand_ins.play("/dev/urandom")
+    try:
+        events = stand_ins.self_test("microphone", StandIns.MIC)
+        assert stand_ins.playing()  # the noise ran through the whole capture
+    finally:
+        stand_ins.stop_playing()
+    fig = _outcome(stand_ins, events, None)
+    print(f"\nrig self-test, microphone hearing noise: {fig} ({stand_ins.log})")
+    assert (fig["format"], fig["rate"], fig["channels"]) == ("S16_LE", 48000, 1)
+    assert fig["samples"] >= 48000 and fig["seconds"] >= 1.0
+    # what was played arrived: uniform random samples have an RMS of 1/sqrt(3) of full scale (-4.8 dBFS)
+    assert 0.5 < fig["rms"] < 0.65 and fig["peak"] > 0.9 and fig["zero_fraction"] < 0.01
+
+
+def test_self_test_microphone_digital_silence(stand_ins: StandIns) -> None:
+    stand_ins.play("/dev/zero")
+    try:
+        events = stand_ins.self_test("microphone", StandIns.MIC)
+        assert stand_ins.playing()
+    finally:
+        stand_ins.stop_playing()
+    fig = _outcome(stand_ins, events, "audio.no_signal")
+    print(f"\nrig self-test, microphone hearing digital silence: {fig} ({stand_ins.log})")
+    assert "digital silence" in events[1]["error"]["message"]
+    # samples arrived — silence, not absence
+    assert fig["samples"] >= 48000 and (fig["zero_fraction"], fig["peak"], fig["rms"]) == (1.0, 0.0, 0.0)
+    assert fig["rms_dbfs"] is None and fig["peak_dbfs"] is None

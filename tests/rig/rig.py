@@ -200,3 +200,66 @@ class Gadget:
         if self.holder:
             self.rig.kill(self.holder)
             self.holder = None
+
+
+# pattern numbers of vivid's test_pattern menu (v4l2-ctl --list-ctrls-menus)
+VIVID_PATTERNS = {"noise": 21, "colorbar": 0}
+
+
+class StandIns:
+    """Real kernel capture nodes in the guest that are not USB devices: the ``vivid`` test camera
+    and the ``snd-aloop`` loopback sound card. USB/IP under QEMU does not carry the gadgets'
+    isochronous streams (docs/self-test.md), so these give the self-test's measuring cases real
+    V4L2 and ALSA drivers; the self-test is driven on their nodes by selftest_once.py.
+
+    vivid's webcam input has no sensor noise of its own; its frames change only by what its
+    controls put in: the OSD text (a clock and frame counters, on by default), movement, or the
+    "Noise" test pattern. snd-aloop's capture side (device 1) hears what is played into its
+    playback side (device 0)."""
+
+    VIDEO_NR, CARD = 9, 7  # fixed numbers, clear of the gadgets' nodes
+    VIDEO = f"/dev/video{VIDEO_NR}"
+    MIC = f"/dev/snd/pcmC{CARD}D1c"
+    PLAYBACK_STATUS = f"/proc/asound/card{CARD}/pcm0p/sub0/status"
+
+    def __init__(self, rig: Rig) -> None:
+        self.rig = rig
+        self.log = ""  # the self-test's own log line(s) from the last run
+        rig.sh(f"modprobe vivid n_devs=1 node_types=0x1 vid_cap_nr={self.VIDEO_NR} && "
+               f"modprobe snd-aloop index={self.CARD} pcm_substreams=1")
+        name = rig.sh(f"cat /sys/class/video4linux/video{self.VIDEO_NR}/name").strip()
+        card = rig.sh(f"cat /proc/asound/card{self.CARD}/id").strip()
+        if (name, card) != ("vivid-000-vid-cap", "Loopback"):
+            raise RuntimeError(f"unexpected stand-ins: video{self.VIDEO_NR} is {name!r}, card {self.CARD} is {card!r}")
+
+    def camera(self, pattern: str, dropped_percent: int = 0) -> None:
+        """A still scene: no OSD text, no movement, no border or square; ``pattern`` fills it."""
+        self.rig.sh(f"v4l2-ctl -d {self.VIDEO} -c osd_text_mode=2 -c horizontal_movement=3 "
+                    f"-c vertical_movement=3 -c show_border=0 -c show_square=0 "
+                    f"-c test_pattern={VIVID_PATTERNS[pattern]} -c percentage_of_dropped_buffers={dropped_percent}")
+
+    def play(self, source: str) -> None:
+        """Play ``source`` (``/dev/urandom``: noise; ``/dev/zero``: digital silence) into the loopback
+        for as long as it runs; the capture side is then fixed to S16_LE, 48 kHz, mono."""
+        self.rig.spawn("aplay", f"aplay -q -D hw:{self.CARD},0,0 -t raw -f S16_LE -r 48000 -c 1 {source}")
+        self.rig.sh(f"for i in $(seq 100); do grep -q RUNNING {self.PLAYBACK_STATUS} && exit 0; sleep 0.1; done; "
+                    f"cat /tmp/aplay.log; exit 1", timeout=30)
+
+    def playing(self) -> bool:
+        return "RUNNING" in self.rig.sh(f"cat {self.PLAYBACK_STATUS}")
+
+    def stop_playing(self) -> None:
+        self.rig.kill("aplay")
+        self.rig.sh(f"for i in $(seq 100); do grep -q closed {self.PLAYBACK_STATUS} && exit 0; sleep 0.1; done; "
+                    f"exit 1", timeout=30)
+
+    def self_test(self, kind: str, node: str, first_frame_s: float = 2.0) -> list[dict[str, Any]]:
+        """The events the agent's self-test produces for ``node`` (each already checked by the
+        protocol's decoder in the guest)."""
+        r = self.rig.call({"cmd": "sh", "timeout": 120, "script":
+                           f"cd /pantau && PYTHONPATH=/pantau:/opt/pantau-py PYTHONDONTWRITEBYTECODE=1 "
+                           f"python3 tests/rig/selftest_once.py {kind} {node} --first-frame-s {first_frame_s}"})
+        if "error" in r or r["rc"] != 0:
+            raise RuntimeError(f"the self-test in the guest failed: {r}")
+        self.log = str(r["err"]).strip()
+        return [json.loads(line) for line in str(r["out"]).splitlines() if line.strip()]
