@@ -61,3 +61,13 @@ def usage_from_holders(nodes: dict[str, list[str]]) -> dict[str, Usage]:
         users = sorted({u for n in ns for u in held.get(n, []) + held.get(os.path.realpath(n), [])})
         usage[key] = Usage(bool(users), users)
     return usage
+
+
+def carry_nodes(nodes: dict[str, list[str]], prev: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Each device's nodes now; a device still present whose nodes are gone already (the kernel removes
+    the video node before the USB device) keeps its previous ones, so a process still holding them — the
+    "(deleted)" links — keeps counting as a user until the detach is seen. Unplugged devices keep theirs."""
+    out = dict(prev)
+    for key, ns in nodes.items():
+        out[key] = ns or prev.get(key, [])
+    return out

@@ -20,8 +20,9 @@ class LinuxPlatform(Platform):
         return Prober(libusb_backend(), self.cfg.sysfs_root)
 
     def look(self, devices: list[dict[str, Any]], prev_nodes: dict[str, list[str]]) -> Look:
-        nodes = {d["key"]: device_nodes(d["port"], self.cfg.sysfs_root) for d in devices}
-        usage = usage_from_holders({**prev_nodes, **nodes})
+        found = {d["key"]: device_nodes(d["port"], self.cfg.sysfs_root) for d in devices}
+        nodes = {k: v for k, v in carry_nodes(found, prev_nodes).items() if k in found}
+        usage = usage_from_holders(carry_nodes(found, prev_nodes))
         return Look(nodes=nodes, usage=usage, meeting=meeting_running(self.cfg.meeting_processes))
 
     def self_tests(self, dev: dict[str, Any], nodes: list[str]) -> list[SelfTest]:

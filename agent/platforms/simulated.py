@@ -37,7 +37,7 @@ class SimulatedPlatform(Platform):
         for d in devices:
             e = entries.get(d["port"], {})
             look.nodes[d["key"]] = [str(n) for n in e.get("nodes") or []]
-        look.usage = usage_from_holders({**prev_nodes, **look.nodes})
+        look.usage = usage_from_holders(carry_nodes(look.nodes, prev_nodes))
         for d in devices:
             entry = entries.get(d["port"])
             if entry is None:
