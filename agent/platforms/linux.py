@@ -7,7 +7,7 @@ import threading
 from functools import partial
 from typing import Any
 
-from agent.platforms.base import Look, Platform, usage_from_holders
+from agent.platforms.base import Look, Platform, carry_nodes, usage_from_holders
 from agent.probe.usb import Prober, libusb_backend
 from agent.selftest.run import SelfTest
 from agent.usage import device_nodes, meeting_running

@@ -9,7 +9,7 @@ import zlib
 from functools import partial
 from typing import Any
 
-from agent.platforms.base import Look, Platform, usage_from_holders
+from agent.platforms.base import Look, Platform, carry_nodes, usage_from_holders
 from agent.probe.simulated import BusFile, SimulatedBackend
 from agent.probe.usb import Prober
 from agent.selftest.run import SelfTest
