@@ -51,6 +51,7 @@ class Inbound:
     payload: bytes
     received_at: float  # wall clock, seconds
     stamp: str | None = None  # a capture's received_at (kept; no rule reads it)
+    from_broker: bool = False  # arrived over MQTT (where no dashboard report can come from)
 
 
 @dataclass(slots=True)
@@ -187,6 +188,9 @@ class Ingestor:
                 b.received += 1
                 try:
                     msg = decode_message(item.topic, item.payload, self.prefix)
+                    if item.from_broker and is_dashboard_boot(msg.boot):
+                        raise ProtocolError("bad_boot", "dashboard reports are made by the collector, never sent "
+                                                        "over MQTT")
                 except ProtocolError as exc:
                     self._reject(db, b, item, exc)
                     continue

@@ -141,7 +141,7 @@ class Subscriber:
                 self._in_hand, self._oldest_in_hand = 0, None
 
     def _store(self, items: list[_Item]) -> bool:
-        batch = [Inbound(t, p, r) for t, p, r, *_ in items]
+        batch = [Inbound(t, p, r, from_broker=True) for t, p, r, *_ in items]
         delay = 0.5
         while True:  # a batch that cannot be stored is retried, never dropped (QoS 0 has no re-send)
             try:

@@ -24,6 +24,8 @@ from typing import Any, Required, TypedDict, cast
 VERSION = 1
 MAX_PAYLOAD_BYTES = 64 * 1024
 DEFAULT_PREFIX = "pantau"
+MAX_KEY_CHARS = 256  # a device key (vid:pid:serial or vid:pid@port)
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 DASHBOARD_BOOT_PREFIX = "dashboard-"  # the boot of a handling report made at the dashboard
 MAX_MESSAGE_CHARS = 512
 
@@ -628,8 +630,10 @@ def _fast_ok(obj: dict[str, Any], rules: dict[str, Callable[[Any], bool]]) -> bo
 def check_device(dev: object, where: str) -> dict[str, Any]:
     if not isinstance(dev, dict):
         raise ProtocolError("bad_device", f"{where} must be an object")
-    if not isinstance(dev.get("key"), str) or not dev["key"]:
-        raise ProtocolError("bad_device", f"{where}.key must be a non-empty string")
+    key = dev.get("key")
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or _CONTROL_CHARS.search(key):
+        raise ProtocolError("bad_device", f"{where}.key must be a string of 1-{MAX_KEY_CHARS} characters "
+                                          "without control characters")
     if not _fast_ok(dev, _FAST_DEVICE):
         _explain_device(dev, where)
     return dev
@@ -676,7 +680,7 @@ def _check_devices_list(p: dict[str, Any]) -> None:
         if d.__class__ is not dict or not _fast_ok(d, _FAST_DEVICE):
             break
         key = d.get("key")
-        if key.__class__ is not str or not key:
+        if key.__class__ is not str or not key or len(key) > MAX_KEY_CHARS or _CONTROL_CHARS.search(key):
             break
     else:
         return

@@ -100,3 +100,25 @@ def test_report_at_the_dashboard_under_another_prefix_then_an_error_is_d1(tmp_pa
     finally:
         agent.term()
         collector.term()
+
+
+def test_an_agent_cannot_send_a_dashboard_report_over_mqtt(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    from tests.procs import publisher
+
+    db = tmp_path / "collector.sqlite"
+    collector, _ = start_collector(tmp_path, mosquitto.url)
+    pub = publisher(mosquitto.port)
+    try:
+        wait_until(lambda: "subscribed" in collector.log(), 20, what="the collector to subscribe")
+        forged = {"v": 1, "agent": "room-1", "boot": "dashboard-0123456789ab", "seq": 1,
+                  "ts": "2026-11-30T01:10:00.000Z", "kind": "event", "type": "handling.reported",
+                  "device": {"key": CAM_KEY}, "context": {"note": "dijatuhkan", "reported_by": "budi",
+                                                          "via": "dashboard"}}
+        pub.publish("pantau/v1/agents/room-1/events", json.dumps(forged), qos=1).wait_for_publish(10)
+        row = wait_until(lambda: _rows(db, "SELECT reason, detail FROM dead_letter"), 20, what="the dead letter")
+        assert row[0][0] == "bad_boot" and "collector" in row[0][1]
+        assert _rows(db, "SELECT count(*) FROM evidence") == [(0,)]
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        collector.term()

@@ -515,3 +515,11 @@ def test_only_a_handling_report_with_seq_1_may_use_a_dashboard_boot() -> None:
     assert reject(event(boot=dash, seq=1)) == "bad_boot"  # a device.error
     assert reject(event(boot=dash, seq=2, type="handling.reported", error=..., context={"note": "x"})) == "bad_boot"
     assert reject(telemetry(boot=dash)) == "bad_boot"
+
+
+@pytest.mark.parametrize("key", ["k\nline", "a\x00b", "x" * 257, "\t046d:0843:A1"])
+def test_device_keys_without_control_characters_and_bounded(key: str) -> None:
+    assert reject(event(device={**DEVICE, "key": key})) == "bad_device"
+    tel = telemetry()
+    tel["devices"][0]["key"] = key
+    assert reject(tel) == "bad_device"
