@@ -128,8 +128,8 @@ def room_now(agent: str, request: Request, ident: Reading) -> dict[str, Any]:
     if not rooms or not sees_unit(ident.user, rooms[0]["unit"]):
         raise HTTPException(404, f"no room PC {agent}")
     room = rooms[0]
-    room["incidents"], _ = queries.incident_page(st.reader, queries.IncidentQuery(agent=agent, status="all",
-                                                                                   limit=20))
+    room["incidents"], _ = queries.incident_page(st.reader, queries.IncidentQuery(
+        agent=agent, status="all", limit=20, unit=_scope(ident, None)))  # a PIC: only their unit's, even here
     return room
 
 
@@ -190,8 +190,18 @@ def incident(id: str, request: Request, ident: Reading) -> dict[str, Any]:
 # ---------------------------------------------------------------- devices and history
 
 
-def _device_place(st: WebState, ident: Identity, key: str, agent: str | None) -> tuple[str | None, dict[str, Any]]:
+def _device_places(st: WebState, ident: Identity, key: str) -> list[str]:
+    """The room PCs that have seen a device, those of the reader's unit only for a PIC."""
     places = queries.device_agents(st.reader, key)
+    if ident.user.scoped:
+        places = [a for a in places if queries.unit_of_agent(st.reader, a) == ident.user.unit]
+    return places
+
+
+def _device_place(st: WebState, ident: Identity, key: str, agent: str | None) -> tuple[str | None, dict[str, Any]]:
+    places = _device_places(st, ident, key)
+    if agent and not sees_unit(ident.user, queries.unit_of_agent(st.reader, agent)):
+        raise HTTPException(404, f"no device {key}")  # a PC of another unit, named by the caller
     if agent and agent not in places:
         places = [agent, *places]
     where = agent or (places[0] if places else None)
@@ -247,8 +257,9 @@ def device(key: str, request: Request, ident: Reading, agent: str | None = None)
         now = next((d for d in rooms[0]["devices"] if d["key"] == key), None) if rooms else None
     loan = st.reader.query("SELECT * FROM loans WHERE device = ? OR device = ?",
                            (key, key[10:] if len(key) > 10 and key[9] == ":" else key))
-    rows, _ = queries.incident_page(st.reader, queries.IncidentQuery(device=key, status="all", limit=50))
-    return {"key": key, "agent": where, "agents": queries.device_agents(st.reader, key), "registry": reg,
+    rows, _ = queries.incident_page(st.reader, queries.IncidentQuery(device=key, status="all", limit=50,
+                                                                     unit=_scope(ident, None)))
+    return {"key": key, "agent": where, "agents": _device_places(st, ident, key), "registry": reg,
             "loan": loan[0] if loan else None, "info": queries.device_info(st.reader, key, where), "now": now,
             "incidents": rows}
 

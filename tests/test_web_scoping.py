@@ -1,0 +1,31 @@
+"""A PIC sees only their unit's rows, also where a request names another unit's room PC or device."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from tests.builder import CAM
+from tests.web_helpers import SPK_B, token_for
+
+
+def _get(site: Any, token: str, path: str) -> httpx.Response:
+    return httpx.get(site.url.rstrip("/") + path, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+
+def test_a_pic_naming_another_units_pc_or_device_gets_nothing_of_it(site: Any) -> None:
+    budi = token_for(site.store, "budi-pic", "pic", "setjen")
+    citra = token_for(site.store, "citra-pic", "pic", "bpsdm")
+    # bpsdm's speakerphone, seen only at bpsdm's PC: a setjen PIC naming their own PC learns nothing of it
+    r = _get(site, budi, f"/api/devices/{quote(SPK_B['key'], safe='')}?agent=room-1")
+    assert r.status_code == 404 or all(i.get("unit") == "setjen" for i in r.json().get("incidents", []))
+    assert "aula-bpsdm" not in r.text
+    # naming the other unit's PC is refused outright
+    assert _get(site, budi, f"/api/devices/{quote(SPK_B['key'], safe='')}?agent=aula-bpsdm").status_code == 404
+    assert _get(site, citra, f"/api/devices/{quote(CAM['key'], safe='')}?agent=room-1").status_code == 404
+    # their own PC's page lists only their unit's incidents
+    r = _get(site, citra, "/api/fleet/aula-bpsdm")
+    assert r.status_code == 200 and all(i["unit"] == "bpsdm" for i in r.json()["incidents"])
+    assert _get(site, citra, "/api/fleet/room-1").status_code == 404
