@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 import httpx
 
-from tests.builder import CAM
+from tests.builder import CAM, Agent, device, feed
 from tests.web_helpers import SPK_B, token_for
 
 
@@ -16,7 +16,14 @@ def _get(site: Any, token: str, path: str) -> httpx.Response:
 
 
 def test_a_pic_naming_another_units_pc_or_device_gets_nothing_of_it(site: Any) -> None:
+    stray = device("1111:2222@1-3", "camera", "1-3", serial=None)  # registered nowhere, seen only at bpsdm
+    aula = Agent("aula-bpsdm", "bootbbbb0002").started(devices=[SPK_B, stray])
+    aula.error(40, stray, "video.stream_error")
+    feed(site.collector, aula)
+    assert site.store.query("SELECT count(*) AS n FROM incidents WHERE device = ?", (stray["key"],))[0]["n"] == 1
     budi = token_for(site.store, "budi-pic", "pic", "setjen")
+    r = _get(site, budi, f"/api/devices/{quote(stray['key'], safe='')}?agent=room-1")
+    assert "aula-bpsdm" not in r.text and all(i.get("unit") == "setjen" for i in r.json().get("incidents", []))
     citra = token_for(site.store, "citra-pic", "pic", "bpsdm")
     # bpsdm's speakerphone, seen only at bpsdm's PC: a setjen PIC naming their own PC learns nothing of it
     r = _get(site, budi, f"/api/devices/{quote(SPK_B['key'], safe='')}?agent=room-1")
