@@ -162,11 +162,20 @@ def failures_wait(store: Queryable, username: str, remote: str, now: float | Non
     return max(0.0, wait)
 
 
-def record_failure(store: SqliteStore, username: str, remote: str, now: float | None = None) -> None:
+def record_failure(store: SqliteStore, username: str, remote: str, now: float | None = None) -> int:
+    """Count a failed (or not yet checked) attempt; returns its row, for ``forget_failure``."""
     now = time.time() if now is None else now
     with store.tx() as db:
-        db.execute("INSERT INTO login_failures (at, username, remote) VALUES (?,?,?)", (now, username[:128], remote))
+        cur = db.execute("INSERT INTO login_failures (at, username, remote) VALUES (?,?,?)",
+                         (now, username[:128], remote))
         db.execute("DELETE FROM login_failures WHERE at < ?", (now - 86400,))
+        return int(cur.lastrowid or 0)
+
+
+def forget_failure(store: SqliteStore, row: int) -> None:
+    """An attempt counted before its check turned out right."""
+    with store.tx() as db:
+        db.execute("DELETE FROM login_failures WHERE rowid = ?", (row,))
 
 
 def check_password(store: SqliteStore, name: str, password: str) -> User | None:

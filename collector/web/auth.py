@@ -41,6 +41,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_BODY = 64 * 1024
 _CSRF_SECRET = secrets.token_bytes(32)  # for proxy-header identities (no session row to keep a token in)
 _HASHING = threading.BoundedSemaphore(2)  # argon2 takes 64 MiB a check: a flood of sign-ins cannot take more
+_ATTEMPTS = threading.Lock()  # the sign-in limits are checked and the attempt counted under one lock
 
 
 @dataclass(frozen=True)
@@ -243,8 +244,12 @@ class LoginBody(BaseModel):
 def login(body: LoginBody, request: Request) -> SafeJSONResponse:
     st = state_of(request)
     caller: Caller = request.state.caller
-    name = body.username or ("(one-time link)" if body.once else "")
-    wait = users.failures_wait(st.reader, name, caller.remote)
+    # one-time links are limited per address (one shared name would let anyone block everyone's links)
+    name = body.username or (f"(one-time link from {caller.remote})" if body.once else "")
+    with _ATTEMPTS:  # check the limits and count this attempt at once: parallel guesses cannot slip past
+        wait = users.failures_wait(st.reader, name, caller.remote)
+        if wait <= 0:
+            attempt = users.record_failure(st.store, name, caller.remote)
     if wait > 0:
         log.warning("login for %r from %s refused: too many failures", name[:64], caller.remote)
         return SafeJSONResponse({"error": f"too many failed sign-ins: try again in {int(wait) + 1} s"},
@@ -254,8 +259,9 @@ def login(body: LoginBody, request: Request) -> SafeJSONResponse:
     else:
         with _HASHING:
             user = users.check_password(st.store, name, body.password or "")
-    if user is None:
-        users.record_failure(st.store, name, caller.remote)
+    if user is not None:
+        users.forget_failure(st.store, attempt)
+    else:
         log.warning("failed sign-in for %r from %s", name[:64], caller.remote)
         return SafeJSONResponse({"error": "wrong user name or password, or the link was used already"},
                                 status_code=401)
