@@ -183,11 +183,11 @@ def unit_report_csv(rep: dict[str, Any]) -> str:
 
 
 def _safe_csv(text: str) -> str:
-    """Cells a spreadsheet would run as formulas (=, +, -, @ first) are written as text."""
+    """Cells a spreadsheet would run as formulas are written as text (see ``_cell``)."""
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\r\n")
     for row in csv.reader(io.StringIO(text)):
-        w.writerow([("'" + c) if c[:1] in ("=", "+", "-", "@") and not _number(c) else c for c in row])
+        w.writerow([_cell(c) for c in row])
     return out.getvalue()
 
 
@@ -269,3 +269,13 @@ def failure_rates_csv(rows: list[dict[str, Any]], p: Period) -> str:
                     g["incidents"], "" if g["incidents_per_100"] is None else g["incidents_per_100"],
                     g["device_faults"], "" if g["faults_per_100"] is None else g["faults_per_100"]])
     return _safe_csv(buf.getvalue())
+
+
+def _cell(c: str) -> str:
+    """A CSV cell a spreadsheet cannot run: one whose first visible character is =, +, -, @ (or that starts
+    with a tab, CR or LF before one) gets a leading quote; control characters are dropped."""
+    clean = "".join(ch for ch in c if ch >= " " or ch == "\n")
+    head = clean.lstrip(" \t\r\n")[:1]
+    if (head in ("=", "+", "-", "@") and not _number(clean.strip())) or c[:1] in ("\t", "\r", "\n"):
+        return "'" + clean
+    return clean

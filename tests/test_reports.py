@@ -136,3 +136,12 @@ def test_reports_through_the_api_scoped_and_as_csv(store: SqliteStore) -> None:
             assert [(g["model"], g["firmware"]) for g in rows] == [("046d:085e", "3.19")]
     finally:
         web.stop()
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_written_as_text() -> None:
+    from collector.reports import _cell
+
+    for hostile in ("=1+1", "\r=HYPERLINK(\"http://x\")", "\n=cmd|'/C calc'!A0", "\t=1+2", "  @SUM(A1)", "+1-2"):
+        out = _cell(hostile)
+        assert out.startswith("'") and "\r" not in out and "\t" not in out
+    assert _cell("-3.5") == "-3.5" and _cell("Logitech C930e") == "Logitech C930e"
