@@ -260,7 +260,7 @@ class Ingestor:
                     if p.get(k) is not None:
                         upd[k] = p[k]
                 if isinstance(p.get("labels"), dict):
-                    upd["labels"] = dumps(p["labels"])
+                    upd["labels"] = dumps(self._trusted_labels(db, msg.agent, p["labels"]))
             elif msg.kind == "inventory":
                 upd["inventory"] = dumps(msg.payload["devices"])
         b.stored += 1
@@ -338,6 +338,16 @@ class Ingestor:
                          (msg.agent, msg.boot, seq, stamp, kind, etype, dev["key"] if dev else None, dumps(stored),
                           format_epoch(received_at), flag))
         b.evidence.append(Stored(int(cur.lastrowid or 0), msg, stamp, flag))
+
+    def _trusted_labels(self, db: sqlite3.Connection, agent: str, labels: dict[str, str]) -> dict[str, str]:
+        """An enrolled PC's unit and room are the ones it was enrolled for, whatever it reports: labels decide
+        which PIC sees a PC, so a PC cannot move itself into another unit."""
+        row = db.execute("SELECT unit, room FROM agent_accounts WHERE agent = ?", (agent,)).fetchone()
+        if row is None or (labels.get("unit"), labels.get("room")) == (row[0], row[1]):
+            return labels
+        log.warning("agent %s reports unit %r room %r but was enrolled for %r %r; the enrollment holds",
+                    agent, labels.get("unit"), labels.get("room"), row[0], row[1])
+        return {**labels, "unit": row[0], "room": row[1]}
 
     def _registry_flag(self, db: sqlite3.Connection, agent: str, device: str) -> str | None:
         """A handling report naming a device the registry lends to another room than this agent's."""

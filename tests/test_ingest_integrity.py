@@ -188,3 +188,19 @@ def test_serve_on_a_damaged_database_stops_with_one_line(tmp_path: Path) -> None
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "cannot open" in lines[0] and str(bad) in lines[0] and "Traceback" not in out.stderr
+
+
+def test_an_enrolled_pc_cannot_move_itself_into_another_unit(collector: Collector) -> None:
+    with collector.store.tx() as db:
+        db.execute("INSERT INTO agent_accounts (agent, unit, room, enrolled_at) VALUES ('room-9', 'setjen', 'r1', "
+                   "'2026-11-30T00:00:00.000Z')")
+    a = Agent("room-9", "bootroom9001")
+    a.started()
+    for line in a.lines:
+        rec = json.loads(line)
+        rec["payload"]["labels"] = {"unit": "bpsdm", "room": "aula"} if rec["payload"]["kind"] == "state" else None
+        if rec["payload"]["labels"] is None:
+            del rec["payload"]["labels"]
+        collector.ingest([Inbound(rec["topic"], json.dumps(rec["payload"]).encode(), time.time())])
+    [row] = collector.store.query("SELECT labels FROM agents WHERE agent = 'room-9'")
+    assert json.loads(row["labels"]) == {"unit": "setjen", "room": "r1"}
