@@ -178,12 +178,17 @@ def test_a_webhook_that_never_answers_does_not_resend_the_mail(collector: Collec
 
 
 def test_crlf_in_a_device_key_cannot_break_or_add_headers(collector: Collector, smtp: Any, hooks: Hooks) -> None:
+    """Validation now refuses control characters in device keys; a row stored before it did (or any field
+    that reaches a header) still cannot break or add mail headers."""
     mails, port = smtp
     n = notifier(collector, port, hooks.start("ok"))
     n.cfg.central_it.append("it2@example.go.id\r\nBcc: thief@evil.example")  # a bad address is left out
+    iid = incident(collector)
+    with collector.store.tx() as db:  # as an older collector could have stored it
+        db.execute("UPDATE incidents SET device = ? WHERE id = ?",
+                   ("046d:085e:CAM1\r\nBcc: thief@evil.example\r\nX-Evil: 1", iid))
     n.start()
     try:
-        iid = incident(collector, key="046d:085e:CAM1\r\nBcc: thief@evil.example\r\nX-Evil: 1")
         wait_until(lambda: mails and hooks.bodies, 10, what="mail and webhook")
         time.sleep(0.3)
     finally:
