@@ -158,3 +158,31 @@ def site(tmp_path: Path) -> Iterator[Any]:
     yield s
     s.web.stop()
     s.store.close()
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[list[Any], int]]:
+    from aiosmtpd.controller import Controller
+
+    mails: list[Any] = []
+
+    class Handler:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            mails.append(envelope)
+            return "250 OK"
+
+    port = free_port()
+    ctl = Controller(Handler(), hostname="127.0.0.1", port=port)
+    ctl.start()
+    yield mails, port
+    ctl.stop()
+
+
+@pytest.fixture
+def hooks() -> Iterator[Any]:
+    """Webhook receivers (tests.builder.Hooks), closed after the test."""
+    from tests.builder import Hooks
+
+    h = Hooks()
+    yield h
+    h.close()

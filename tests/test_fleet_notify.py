@@ -24,10 +24,8 @@ from collector.registry import load_toml
 from collector.store.sqlite import SqliteStore
 from common.config import ConfigError
 from common.protocol import ts_seconds
-from tests.builder import T0, Agent
-from tests.conftest import free_port
+from tests.builder import T0, Agent, Hooks
 from tests.procs import wait_until
-from tests.test_notify import Hooks
 
 REGISTRY = """
 [[units]]
@@ -59,31 +57,6 @@ def collector(tmp_path: Path) -> Iterator[Collector]:
     load_toml(store, str(reg))
     yield Collector(store)
     store.close()
-
-
-@pytest.fixture
-def smtp() -> Iterator[tuple[list[Any], int]]:
-    from aiosmtpd.controller import Controller
-
-    mails: list[Any] = []
-
-    class Handler:
-        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-            mails.append(envelope)
-            return "250 OK"
-
-    port = free_port()
-    ctl = Controller(Handler(), hostname="127.0.0.1", port=port)
-    ctl.start()
-    yield mails, port
-    ctl.stop()
-
-
-@pytest.fixture
-def hooks() -> Iterator[Hooks]:
-    h = Hooks()
-    yield h
-    h.close()
 
 
 def watch(c: Collector, smtp_port: int, hook: str, **kw: Any) -> tuple[Notifier, FleetWatch]:

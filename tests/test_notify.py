@@ -6,100 +6,15 @@ from __future__ import annotations
 
 import email
 import email.policy
-import json
-import socketserver
 import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-
-import pytest
 
 from collector.ingest import Collector
 from collector.notify import Notifier, NotifyConfig, header_safe
 from collector.store.sqlite import SqliteStore
-from tests.builder import Agent, device, feed
-from tests.conftest import free_port
+from tests.builder import Agent, Hooks, device, feed
 from tests.procs import wait_until
-
-
-@pytest.fixture
-def smtp() -> Iterator[tuple[list[Any], int]]:
-    from aiosmtpd.controller import Controller
-
-    mails: list[Any] = []
-
-    class Handler:
-        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-            mails.append(envelope)
-            return "250 OK"
-
-    port = free_port()
-    ctl = Controller(Handler(), hostname="127.0.0.1", port=port)
-    ctl.start()
-    yield mails, port
-    ctl.stop()
-
-
-class Hooks:
-    """Webhook servers: ``ok`` answers 204; ``trickle`` sends its answer one byte every 5 s;
-    ``silent`` reads the request and never answers."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.connections = {"trickle": 0, "silent": 0}
-        self.stop = threading.Event()
-        self.servers: list[socketserver.BaseServer] = []
-
-    def start(self, kind: str) -> str:
-        hooks = self
-
-        class Ok(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                hooks.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-        class Slow(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                hooks.connections[kind] += 1
-                self.request.recv(65536)
-                answer = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
-                for i in range(len(answer)):
-                    if kind == "trickle":
-                        try:
-                            self.request.send(answer[i:i + 1])
-                        except OSError:
-                            return
-                    if hooks.stop.wait(5.0):
-                        return
-
-        srv: socketserver.BaseServer
-        if kind == "ok":
-            srv = ThreadingHTTPServer(("127.0.0.1", 0), Ok)
-        else:
-            srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Slow)
-        srv.daemon_threads = True
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        self.servers.append(srv)
-        return f"http://127.0.0.1:{srv.server_address[1]}/hook"
-
-    def close(self) -> None:
-        self.stop.set()
-        for s in self.servers:
-            s.shutdown()
-            s.server_close()
-
-
-@pytest.fixture
-def hooks() -> Iterator[Hooks]:
-    h = Hooks()
-    yield h
-    h.close()
 
 
 def incident(collector: Collector, agent: str = "room-1", key: str = "046d:085e:CAM1") -> str:
