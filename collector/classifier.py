@@ -45,6 +45,7 @@ class Classifier:
         self.deadlines: dict[str, float] = {}  # agent -> earliest pending window end, on its clock
         self.keep_from: dict[str, float] = {}  # agent -> oldest ts its undecided incidents still read
         self.cut: dict[str, float] = {}  # agent -> evidence before this was forgotten (persisted)
+        self.pinned: dict[str, tuple[Any, ...]] = {}  # agent -> evidence kept whatever its age (its last inventory)
         self.skipped = 0  # stored rows no policy can read (kept in the store, logged)
         self._dirty: set[str] = set()
         self._followed = 0  # evidence id read so far
@@ -78,22 +79,33 @@ class Classifier:
                     "SELECT id, agent, boot, seq, ts, kind, payload, flag FROM evidence "
                     "WHERE agent = ? AND id <= ? AND ts >= ? ORDER BY id", (agent, top, _floor_ts(cut)))
                 self._add_rows(rows, cut)
+                # its latest inventory is kept whatever its age (the next start's absences read it)
+                self._add_rows(self.store.query(
+                    "SELECT id, agent, boot, seq, ts, kind, payload, flag FROM evidence WHERE agent = ? AND "
+                    "kind = 'inventory' AND id <= ? ORDER BY id DESC LIMIT 1", (agent, top)), force=True)
                 self._read_boots(agent)
             self._followed = top
             self._dirty |= set(self.histories)
 
     def _first_cut(self, agent: str, clock: float) -> float:
         """Where an agent's kept evidence starts when no horizon was recorded yet (a store from before
-        1.1): its clock minus the horizon, or earlier where an open incident still reads further back."""
+        1.1): its clock minus the horizon, or earlier where an undecided incident — open, or resolved less
+        than the reopen window ago — still reads further back."""
         cut = clock - self.horizon_s
-        for r in self.store.query("SELECT opened_at FROM incidents WHERE agent = ? AND status = 'open'", (agent,)):
-            try:
-                cut = min(cut, ts_seconds(r["opened_at"]) - self.windows.handling_s)
-            except ProtocolError:
+        w = self.windows
+        for r in self.store.query("SELECT opened_at, resolved_at, status, needs_from FROM incidents "
+                                  "WHERE agent = ? AND status IN ('open', 'resolved')", (agent,)):
+            resolved = ts_seconds_or_none(r["resolved_at"])
+            if r["status"] == "resolved" and (resolved is None or clock > resolved + w.reopen_s):
                 continue
+            opened = ts_seconds_or_none(r["opened_at"])
+            needs = r["needs_from"] if r["needs_from"] is not None else (
+                None if opened is None else opened - w.handling_s)
+            if needs is not None:
+                cut = min(cut, float(needs))
         return cut
 
-    def _add_rows(self, rows: Iterable[dict[str, Any]], cut: float | None = None) -> None:
+    def _add_rows(self, rows: Iterable[dict[str, Any]], cut: float | None = None, force: bool = False) -> None:
         for r in rows:
             try:
                 msg = Message(Topic("-", r["agent"], _CHANNEL.get(r["kind"], r["kind"])), json.loads(r["payload"]))
@@ -103,15 +115,15 @@ class Classifier:
                 log.warning("evidence row %s of %s cannot be read (%s); left out of decisions", r["id"], r["agent"],
                             exc)
                 continue
-            if ev is None or (cut is not None and ev.ts < cut):
+            if ev is None or (not force and cut is not None and ev.ts < cut):
                 continue
-            self._add(ev)
+            self._add(ev, force)
 
-    def _add(self, ev: Any) -> None:
+    def _add(self, ev: Any, force: bool = False) -> None:
         hist = self.histories.get(ev.agent)
         if hist is None:
             hist = self.histories[ev.agent] = AgentHistory(ev.agent)
-        if ev.ts < self.cut.get(ev.agent, float("-inf")):
+        if not force and ev.ts < self.cut.get(ev.agent, float("-inf")):
             return  # older than what this agent keeps: it can no longer change a decision
         if hist.add(ev):
             self._dirty.add(ev.agent)
@@ -201,15 +213,19 @@ class Classifier:
             return []
         w = self.windows
         pending: list[float] = []
-        incidents = evaluate(hist, clock, w, pending, self._not_expected(agent))
+        keep: list[float] = []
+        pin: list[Any] = []
+        incidents = evaluate(hist, clock, w, pending, self._not_expected(agent), keep, pin)
+        self.pinned[agent] = tuple(pin)
         if pending:
             self.deadlines[agent] = min(pending)
         else:
             self.deadlines.pop(agent, None)
         cut = self.cut.get(agent, float("-inf"))
         needed = [i.needs_from(w) for i in incidents if not i.settled(clock, w)]
-        self.keep_from[agent] = min([clock - self.horizon_s, *needed])
-        return self.book.sync(agent, incidents, now_ts(), w, lambda needs_from: needs_from < cut)
+        self.keep_from[agent] = min([clock - self.horizon_s, *needed, *keep])
+        settled_before = clock - w.reopen_s - max(w.missing_s, w.unstable_s)
+        return self.book.sync(agent, incidents, now_ts(), w, lambda needs_from: needs_from < cut, settled_before)
 
     def _not_expected(self, agent: str) -> dict[str, float]:
         """Devices no longer expected in any room: a lease that ended (at the end of its ``lease_end``
@@ -244,7 +260,7 @@ class Classifier:
             for agent, t in moved.items():
                 self.cut[agent] = t
                 hist = self.histories.get(agent)
-                if hist is not None and hist.prune(t):
+                if hist is not None and hist.prune(t, self.pinned.get(agent, ())):
                     self._dirty.add(agent)
 
     def clock_str(self, agent: str) -> str | None:

@@ -55,8 +55,10 @@ class Incident:
 
     def needs_from(self, w: Windows) -> float:
         """The oldest ts of evidence this decision may read: once pruning passes it, the incident is final."""
-        bases = [t.basis_ts for t in self.trouble if t.basis_ts is not None]
-        return min([self.first.ts - max(w.handling_s, w.host_wide_s, w.after_start_s), *bases])
+        lookback = max(w.host_wide_s, w.after_start_s)  # another device's trouble, a start or resume before it
+        if self.kind == "device_error":
+            lookback = max(lookback, w.handling_s)  # and the handling mark D1 may rely on
+        return self.first.ts - lookback  # (the inventory an absence was derived from is pinned instead)
 
     def settled(self, clock: float, w: Windows) -> bool:
         """Resolved long enough ago that no new trouble can reopen it."""
@@ -137,8 +139,8 @@ def _with_restart_detaches(tl: list[Evidence]) -> list[Evidence]:
     (not in use) at that ``agent.started``."""
     out: list[Evidence] = []
     prev_listed: dict[str, DeviceObject] | None = None  # last inventory of the previous boot, less later detaches
-    prev_ts = 0.0  # and its ts
-    listed_ts = 0.0
+    prev_inv: Evidence | None = None  # and that inventory
+    listed_inv: Evidence | None = None
     cur_boot: str | None = None
     listed: dict[str, DeviceObject] | None = None
     anchor: Evidence | None = None
@@ -150,7 +152,7 @@ def _with_restart_detaches(tl: list[Evidence]) -> list[Evidence]:
             continue
         if ev.boot != cur_boot:
             if listed is not None:
-                prev_listed, prev_ts = dict(listed), listed_ts
+                prev_listed, prev_inv = dict(listed), listed_inv
             cur_boot, listed, anchor, first_inv_done = ev.boot, None, None, False
             attached_before_inv = set()
         if ev.type == "agent.started" and anchor is None:
@@ -164,14 +166,14 @@ def _with_restart_detaches(tl: list[Evidence]) -> list[Evidence]:
                     Evidence(agent=at.agent, boot=at.boot, seq=at.seq, ts=at.ts, ts_str=at.ts_str, kind="event",
                              type="device.detached", key=k, device=prev_listed[k],
                              context={"in_use": False, "users": [], "meeting": False}, synthetic=True,
-                             basis_ts=prev_ts)
+                             basis=prev_inv)
                     for k in missing
                 ]
                 if synth:
                     idx = out.index(at) + 1
                     out[idx:idx] = synth
             first_inv_done = True
-            listed, listed_ts = {d["key"]: d for d in ev.devices}, ev.ts
+            listed, listed_inv = {d["key"]: d for d in ev.devices}, ev
         elif ev.type == "device.detached" and listed is not None:
             listed.pop(ev.key or "", None)
         elif ev.type == "device.attached" and not first_inv_done and ev.key:
@@ -373,24 +375,35 @@ class _Facts:
 
 
 def evaluate(history: AgentHistory, clock: float, windows: Windows | None = None,
-             pending: list[float] | None = None, not_expected: dict[str, float] | None = None) -> list[Incident]:
+             pending: list[float] | None = None, not_expected: dict[str, float] | None = None,
+             keep: list[float] | None = None, pin: list[Evidence] | None = None) -> list[Incident]:
     """Every incident (not withdrawn) of one agent as the evidence stands at that agent's ``clock``.
 
     ``pending`` receives the ends of windows still open at ``clock``: once the clock is past one
     of them the answer may change, so the caller evaluates again then. ``not_expected`` maps a device
     key to the time from which it is no longer expected in the room (its lease ended or it was returned):
-    a detach from then on opens no ``device_missing``.
+    a detach from then on opens no ``device_missing``. ``keep`` receives the ts of evidence that decisions
+    not made yet will read (a detach whose window is pending or waiting, the inventory an absence after the
+    next start would be judged against): the caller must not forget it, however old. ``pin`` receives
+    single items to keep whatever their age: the latest inventory, which the next start's absences
+    (unwatched, case b) are judged against.
     """
     pending = pending if pending is not None else []
+    keep = keep if keep is not None else []
     w = windows or Windows()
     tl = _with_restart_detaches(history.ordered())
     f = _Facts(tl, w, history.boot_last)
 
     incidents: list[Incident] = []
     incidents += _error_incidents(tl, w)
-    incidents += _missing_incidents(tl, f, w, clock, pending, not_expected or {})
+    pin = pin if pin is not None else []
+    incidents += _missing_incidents(tl, f, w, clock, pending, not_expected or {}, keep, pin)
+    last_inventory = next((e for e in reversed(tl) if e.kind == "inventory"), None)
+    if last_inventory is not None:
+        pin.append(last_inventory)
     incidents += _unstable_incidents(tl, f, w, clock, pending)
 
+    pin += [t.basis for inc in incidents if not inc.settled(clock, w) for t in inc.trouble if t.basis is not None]
     f.bind(sorted((t.ts, inc.device) for inc in incidents for t in inc.trouble))
     for inc in incidents:
         inc.device_info = f.last_device.get(inc.device, {})
@@ -486,7 +499,7 @@ def _carried(boot: _Boot, key: str, win: _Window, w: Windows) -> _Window | None:
 
 
 def _missing_incidents(tl: list[Evidence], f: _Facts, w: Windows, clock: float, pending: list[float],
-                       not_expected: dict[str, float]) -> list[Incident]:
+                       not_expected: dict[str, float], keep: list[float], pin: list[Evidence]) -> list[Incident]:
     out: list[Incident] = []
     current: dict[str, Incident] = {}
     for i, _ in f.detaches:
@@ -496,13 +509,17 @@ def _missing_incidents(tl: list[Evidence], f: _Facts, w: Windows, clock: float, 
         if key in not_expected and d.ts >= not_expected[key]:
             continue  # its lease had ended, or it was returned: no longer expected in the room
         win = _missing_window(f, i)
-        if win is None or win.end is None:
+        if win is None:
             continue
         s = f.next_seen(key, i)
-        if s is not None and tl[s].ts <= win.end:
+        if win.end is not None and s is not None and tl[s].ts <= win.end:
             continue  # seen again within its window
-        if not clock > win.end:
-            pending.append(win.end)
+        if win.end is None or not clock > win.end:  # pending, or waiting for the next start
+            if win.end is not None:
+                pending.append(win.end)
+            keep.append(d.ts - max(w.host_wide_s, w.after_start_s))
+            if d.basis is not None:
+                pin.append(d.basis)
             continue
         inc = _join_or_open(current.get(key), d, "device_missing", key, w, out)
         current[key] = inc

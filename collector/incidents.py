@@ -7,6 +7,7 @@ deleted: an incident the evidence no longer supports is kept as ``withdrawn``.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,7 @@ from collector import audit
 from collector.classify import Incident, summary
 from collector.policy import CAUSES, RESPONSIBLE_OF_CAUSE, Windows
 from collector.store.sqlite import SqliteStore, dumps
-from common.protocol import ProtocolError, ts_seconds
+from common.protocol import ProtocolError, ts_seconds, ts_seconds_or_none
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,15 @@ Listener = Callable[[str, dict[str, Any]], None]
 FinalTest = Callable[[float], bool]
 
 
-def _is_final(row: dict[str, Any], final: FinalTest) -> bool:
+def _refs(row: dict[str, Any]) -> list[dict[str, Any]]:
+    try:
+        refs = json.loads(row.get("evidence") or "[]")
+    except ValueError:
+        return []
+    return [r for r in refs if isinstance(r, dict)] if isinstance(refs, list) else []
+
+
+def _is_final(row: dict[str, Any], final: FinalTest, settled_before: float = float("-inf")) -> bool:
     """A recorded incident whose evidence has aged out. Rows recorded before ``needs_from`` existed
     read from their opening minus a day."""
     needs_from = row.get("needs_from")
@@ -32,6 +41,10 @@ def _is_final(row: dict[str, Any], final: FinalTest) -> bool:
             needs_from = ts_seconds(row["opened_at"]) - 86400
         except ProtocolError:
             return True  # a time no policy can read: leave it as it is
+    if row.get("status") == "resolved":
+        resolved = ts_seconds_or_none(row.get("resolved_at"))
+        if resolved is not None and resolved < settled_before:
+            return True
     return final(float(needs_from))
 
 
@@ -52,12 +65,14 @@ class IncidentBook:
             except Exception:
                 log.exception("incident listener failed")
 
-    def sync(self, agent: str, computed: list[Incident], now: str, windows: Windows, final: FinalTest) -> list[str]:
+    def sync(self, agent: str, computed: list[Incident], now: str, windows: Windows, final: FinalTest,
+             settled_before: float = float("-inf")) -> list[str]:
         """Bring the recorded incidents of ``agent`` in line with ``computed``; returns the actions.
 
         ``final(needs_from)`` says whether the evidence a decision reads from ``needs_from`` on has
-        aged out of what is kept: such an incident is final. It is never withdrawn, revised or
-        reopened, and a computed incident in that zone (seen only in part) is not recorded."""
+        aged out of what is kept: such an incident is final. So is one resolved before ``settled_before``
+        (nothing can reopen it any more). A final incident is never withdrawn, revised or reopened, and a
+        computed incident in that zone, or made of a final one's remains, is not recorded."""
         actions: list[tuple[str, str]] = []  # (incident id, action), in the order they happened
         with self.store.tx() as db:
 
@@ -69,15 +84,19 @@ class IncidentBook:
             cols = [d[0] for d in cur.description]
             stored = {r[0]: dict(zip(cols, r, strict=True)) for r in cur.fetchall()}
             seen = set()
+            # the trouble of final incidents: what is left of it after pruning belongs to them, never to a
+            # new incident made of their remains
+            settled = {(e.get("boot"), e.get("seq")) for old in stored.values() if _is_final(old, final, settled_before)
+                       for e in _refs(old)}
             for inc in computed:
                 needs_from = inc.needs_from(windows)
-                if final(needs_from):
+                if final(needs_from) or any((t.boot, t.seq) in settled for t in inc.trouble if not t.synthetic):
                     continue
                 j = inc.to_json(self.lang)
                 iid = j["id"]
                 seen.add(iid)
                 old = stored.get(iid)
-                if old is not None and _is_final(old, final):
+                if old is not None and _is_final(old, final, settled_before):
                     continue
                 summaries = dumps({lang: summary(inc, lang) for lang in ("id", "en")})
                 status = "resolved" if j["resolved_at"] else "open"
@@ -110,7 +129,7 @@ class IncidentBook:
                     db.execute(f"UPDATE incidents SET {sets}, updated_at = ? WHERE id = ?",
                                (*changed.values(), now, iid))
             for sid, old in stored.items():
-                if sid in seen or old["status"] == "withdrawn" or _is_final(old, final):
+                if sid in seen or old["status"] == "withdrawn" or _is_final(old, final, settled_before):
                     continue
                 db.execute("UPDATE incidents SET status = 'withdrawn', updated_at = ? WHERE id = ?", (now, sid))
                 record(sid, "withdrawn", {"reason": "the evidence no longer supports it"})

@@ -38,7 +38,7 @@ class Evidence:
     keys: tuple[str, ...] = ()  # inventory: listed keys; telemetry: keys present
     devices: tuple[DeviceObject, ...] = ()  # inventory device objects
     synthetic: bool = False  # derived by the engine (absent after a restart)
-    basis_ts: float | None = None  # synthetic: the ts of the inventory it was derived from
+    basis: Evidence | None = None  # synthetic: the inventory it was derived from
     mismatch: bool = False  # a handling report naming a device lent to another room
     pos: float = 0.0  # timeline position, set by each evaluation
 
@@ -132,9 +132,9 @@ class AgentHistory:
         if t > self.boot_last.get(boot, float("-inf")):
             self.boot_last[boot] = t
 
-    def prune(self, before: float) -> int:
-        """Forget evidence older than ``before``; returns how many went. Boot order is kept."""
-        keep = [e for e in self.items if e.ts >= before]
+    def prune(self, before: float, pinned: tuple[Evidence, ...] = ()) -> int:
+        """Forget evidence older than ``before``, but for ``pinned`` items; returns how many went."""
+        keep = [e for e in self.items if e.ts >= before or any(e is p for p in pinned)]
         gone = len(self.items) - len(keep)
         if gone:
             self.items = keep
