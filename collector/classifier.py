@@ -53,6 +53,7 @@ class Classifier:
         self._last_classify = 0.0
         self._leases: dict[str, float] = {}
         self._leases_read = float("-inf")
+        self._boots_read = float("-inf")
         self.lock = threading.RLock()
         self._load()
 
@@ -133,7 +134,8 @@ class Classifier:
         if hist is None:
             return
         for r in self.store.query("SELECT boot, last_ts FROM boots WHERE agent = ? AND last_ts IS NOT NULL", (agent,)):
-            hist.note(r["boot"], float(r["last_ts"]))
+            if hist.note(r["boot"], float(r["last_ts"])):
+                self._dirty.add(agent)
 
     def _advance_clock(self, agent: str, ts: str | None) -> bool:
         """Take an agent's clock as stored; True if it changed."""
@@ -183,9 +185,13 @@ class Classifier:
                     break
                 self._add_rows(rows)
                 self._followed = int(rows[-1]["id"])
+            every = time.monotonic() - self._boots_read >= 30.0
             for r in self.store.query("SELECT agent, clock FROM agents WHERE clock IS NOT NULL"):
-                if self._advance_clock(r["agent"], r["clock"]):
-                    self._read_boots(r["agent"])  # its boots' latest ts moved with its clock
+                # its boots' latest ts move with its clock, and (a clock gone back at a restart) without it
+                if self._advance_clock(r["agent"], r["clock"]) or every:
+                    self._read_boots(r["agent"])
+            if every:
+                self._boots_read = time.monotonic()
             self.classify_dirty()
 
     # ------------------------------------------------------------------ deciding

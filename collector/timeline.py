@@ -127,10 +127,13 @@ class AgentHistory:
         self._ordered = self._rank = None
         return True
 
-    def note(self, boot: str, t: float) -> None:
-        """A message of ``boot`` dated ``t`` arrived (evidence or not): when that boot ended is at least then."""
+    def note(self, boot: str, t: float) -> bool:
+        """A message of ``boot`` dated ``t`` arrived (evidence or not): when that boot ended is at least then.
+        True if that moved it."""
         if t > self.boot_last.get(boot, float("-inf")):
             self.boot_last[boot] = t
+            return True
+        return False
 
     def prune(self, before: float, pinned: tuple[Evidence, ...] = ()) -> int:
         """Forget evidence older than ``before``, but for ``pinned`` items; returns how many went."""
