@@ -56,25 +56,31 @@ class DynsecMosquitto(Mosquitto):
 
 
 @contextmanager
-def enroll_site(tmp_path: Path, bundle_dir: str | None = None) -> Iterator[dict[str, Any]]:
+def enroll_site(tmp_path: Path, bundle_dir: str | None = None,
+                reach_as: str = "127.0.0.1") -> Iterator[dict[str, Any]]:
+    """The collector and broker listen on 127.0.0.1; room PCs are told to reach both as ``reach_as``
+    (the QEMU rig's guest sees this host as 10.0.2.2)."""
     if not os.path.exists(PLUGIN):
         pytest.fail(f"{PLUGIN} is missing: Debian's mosquitto package ships it")
-    broker = DynsecMosquitto().start()
+    broker = DynsecMosquitto()
+    broker.start()
     cert, key = self_signed(tmp_path)
     db = str(tmp_path / "pantau.sqlite")
     audit.configure(db)
     store = SqliteStore(db)
     (tmp_path / "registry.toml").write_text(REGISTRY)
     load_toml(store, str(tmp_path / "registry.toml"))
-    web = WebServer(Collector(store), "127.0.0.1", 0, tls=(cert, key))
+    collector = Collector(store)
+    web = WebServer(collector, "127.0.0.1", 0, tls=(cert, key))
     web.start()
-    url = web.address.rstrip("/")
-    settings = enroll.EnrollSettings(public_url=url, cert_file=cert, dynsec=broker.admin(), agent_broker=broker.url,
+    url = web.address.rstrip("/").replace("//127.0.0.1:", f"//{reach_as}:", 1)
+    agent_broker = broker.url.replace("//127.0.0.1:", f"//{reach_as}:", 1)
+    settings = enroll.EnrollSettings(public_url=url, cert_file=cert, dynsec=broker.admin(), agent_broker=agent_broker,
                                      bundle_dir=bundle_dir or str(tmp_path / "bundle"))
     enroll.configure(settings)
     try:
-        yield {"broker": broker, "store": store, "url": url, "settings": settings, "cert": cert, "dir": tmp_path,
-               "fingerprint": enroll.cert_fingerprint(cert)}
+        yield {"broker": broker, "store": store, "collector": collector, "url": url, "settings": settings, "cert": cert,
+               "dir": tmp_path, "fingerprint": enroll.cert_fingerprint(cert)}
     finally:
         enroll.configure(None)
         web.stop()
@@ -96,13 +102,17 @@ class Client:
         self.acks: dict[int, int] = {}
         self.got: list[tuple[str, bytes]] = []
         self.ready = threading.Event()
-        self.c.on_connect = lambda c, u, f, rc, p: (setattr(self, "connack", rc), self.ready.set())
+        self.c.on_connect = self._on_connect
         self.c.on_disconnect = lambda c, u, f, rc, p: self.disconnects.append(str(rc))
         self.c.on_publish = lambda c, u, mid, rc, p: self.acks.__setitem__(mid, rc.value)
-        self.c.on_message = lambda c, u, m: self.got.append((m.topic, m.payload))
+        self.c.on_message = lambda c, u, m: self.got.append((m.topic, bytes(m.payload)))
         self.c.connect(b.host, b.port)
         self.c.loop_start()
         assert self.ready.wait(10), "no CONNACK"
+
+    def _on_connect(self, c: Any, u: Any, f: Any, rc: Any, p: Any) -> None:
+        self.connack = rc
+        self.ready.set()
 
     def publish(self, topic: str, payload: str) -> int:
         info = self.c.publish(topic, payload, qos=1)

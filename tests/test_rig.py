@@ -6,6 +6,11 @@ The idle self-test's five measuring cases run in the same guest against the kern
 drivers (vivid, snd-aloop), since USB/IP here does not carry the gadgets' streams
 (docs/self-test.md); their assertions are on the wire events the agent's self-test produced.
 
+The one-command install is proven here too: the guest, with no Pantau of its own (the 9p-shared
+checkout is not used), runs the install line the collector gives an operator against a collector and
+a Mosquitto with the dynamic security plugin on this host; the installed agent's inventory reaches
+the collector, and once the agent is disabled nothing it has to say gets through.
+
 When the machine cannot run the rig (not root, no QEMU, no package mirror), the tests are
 skipped with one line saying why.
 """
@@ -13,7 +18,10 @@ skipped with one line saying why.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,9 +30,14 @@ from typing import Any
 
 import pytest
 
+from collector import enroll
+from collector.subscriber import Subscriber
+from collector.web.enroll import commands as enroll_commands
+from common.config import parse_broker
 from tests.conftest import Mosquitto
+from tests.enroll_helpers import ADMIN, ADMIN_PW, Client, enroll_site
 from tests.procs import Recorder, wait_until
-from tests.rig.rig import Gadget, Rig, RigUnavailable, StandIns, prepare
+from tests.rig.rig import CHECKOUT, Gadget, Rig, RigUnavailable, StandIns, prepare
 
 pytestmark = pytest.mark.rig
 AGENT = "rig-room"
@@ -196,6 +209,125 @@ def test_once_matches_lsusb(room: Room) -> None:
         assert d["serial"] in verbose and d["product"] in verbose
         [line] = [ln for ln in lsusb.splitlines() if f"ID {d['vid']}:{d['pid']}" in ln]
         assert line.startswith(f"Bus {int(d['port'].split('-')[0]):03d} ")  # the same bus as the port path
+
+
+# --------------------------------------------------------------------------- the one-command install
+GUEST_SEES_HOST = "10.0.2.2"  # QEMU user networking: the guest reaches this host's 127.0.0.1 here
+# where install.sh puts the agent, its configuration, state and log: tmpfs in the guest for this test,
+# so nothing of it lands in the cached guest root (a 9p share of the host's cache) for the next run
+INSTALL_PATHS = ("/opt/pantau-agent", "/etc/pantau", "/var/lib/pantau-agent")
+
+
+@pytest.fixture(scope="session")
+def agent_bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The agent's wheels, built as an operator does (``pantau-collector bundle``)."""
+    out = tmp_path_factory.mktemp("bundle")
+    r = subprocess.run([sys.executable, "-m", "collector.cli", "bundle", "--out", str(out)], capture_output=True,
+                       text=True, timeout=600, cwd=CHECKOUT)
+    assert r.returncode == 0, r.stderr
+    return str(out)
+
+
+@pytest.fixture
+def bare_guest(room: Room) -> Iterator[Rig]:
+    """The guest with nothing of Pantau outside the 9p share: no module on its Python, no command, no
+    install, no configuration. The install paths are fresh tmpfs mounts, removed afterwards."""
+    rig = room.rig
+    paths = " ".join(INSTALL_PATHS)
+    rig.sh(f"cd /tmp && ! python3 -c 'import agent' 2>/dev/null && ! command -v pantau-agent && "
+           f"! ls /opt/*/bin/pantau-agent 2>/dev/null && [ -z \"$(ls -A {paths} 2>/dev/null)\" ]")
+    scratch = f"{paths} /var/log"
+    rig.sh(f"for d in {scratch}; do mkdir -p $d && mount -t tmpfs tmpfs $d || exit 1; done")
+    try:
+        yield rig
+    finally:
+        rig.sh("kill -9 $(cat /var/lib/pantau-agent/agent.pid) 2>/dev/null; sleep 0.5; "
+               f"for d in {scratch}; do umount $d; done; rmdir {paths}", check=False)
+
+
+def _outbox(rig: Rig, key: str) -> list[str]:
+    """The types of the installed agent's undelivered events about device ``key``."""
+    out = rig.sh("python3 -c \"import json, sqlite3; db = sqlite3.connect("
+                 "'file:/var/lib/pantau-agent/outbox.sqlite?mode=ro', uri=True); "
+                 "[print(json.loads(p)['type']) for t, p in db.execute('SELECT topic, payload FROM outbox') "
+                 f"if t.endswith('/events') and json.loads(p).get('device', {{}}).get('key') == '{key}']\"")
+    return out.split()
+
+
+def test_one_command_install_on_a_bare_guest(room: Room, bare_guest: Rig, agent_bundle: str,
+                                             tmp_path: Path) -> None:
+    """The documented install line, run in a guest with no Pantau, against a collector on this host
+    (HTTPS with its own certificate, a Mosquitto with the dynamic security plugin): the installed agent's
+    inventory of the gadgets reaches the collector; once the agent is disabled on the collector, nothing
+    it has to say gets through."""
+    rig = bare_guest
+    with enroll_site(tmp_path, agent_bundle, reach_as=GUEST_SEES_HOST) as site:
+        store, broker = site["store"], site["broker"]
+        sub = Subscriber(site["collector"], parse_broker(broker.url), "pantau-collector", username=ADMIN,
+                         password=ADMIN_PW)
+        sub.start()
+        watcher = Client(broker.url, ADMIN, ADMIN_PW)
+        watcher.c.subscribe("pantau/v1/agents/room-1/#", qos=1)
+        try:
+            token = enroll.new_token(store, "setjen", "r1", 3600, "tester")["token"]
+            line = enroll_commands(site["url"], site["fingerprint"], token)["linux"]
+            assert line.startswith("curl -fsSLk --pinnedpubkey sha256//") and "| sudo sh -s -- " in line
+            # a key other than the collector's stops curl before anything reaches sh
+            wrong = rig.call({"cmd": "sh", "timeout": 60, "script": re.sub(r"sha256//\S+", "sha256//" + "A" * 43 + "=",
+                                                                           line.split(" | ")[0])})
+            assert wrong["rc"] != 0 and wrong["out"] == "", wrong
+            # the guest's shell is root and has no sudo; the self-test stays off as for the rig's other
+            # agent (USB/IP here cannot carry the gadgets' streams: streaming would detach the camera)
+            t0 = time.monotonic()
+            out = rig.sh(f"cd /tmp && export PANTAU_SELF_TEST=off && {line.replace('| sudo sh', '| sh')}",
+                         timeout=220)
+            install_s = time.monotonic() - t0
+            assert "enrolled as room-1 (unit setjen, room r1)" in out, out
+            pid = rig.sh("cat /var/lib/pantau-agent/agent.pid").strip()
+            cmdline = rig.sh(f"tr '\\0' ' ' < /proc/{pid}/cmdline")
+            assert cmdline.startswith("/opt/pantau-agent/bin/python /opt/pantau-agent/bin/pantau-agent "), cmdline
+            where = rig.sh("cd /tmp && /opt/pantau-agent/bin/python -c 'import agent; print(agent.__file__)'")
+            assert where.startswith("/opt/pantau-agent/lib/"), where
+            assert rig.sh("stat -c %a /etc/pantau/agent.toml").strip() == "600"
+
+            def inventory() -> dict[str, dict[str, Any]]:
+                rows = store.query("SELECT inventory FROM agents WHERE agent = 'room-1'")
+                return {d["key"]: d for d in json.loads(rows[0]["inventory"] or "[]")} if rows else {}
+
+            t1 = time.monotonic()
+            inv = wait_until(lambda: (i := inventory()) and {room.camera.key, room.speaker.key} <= set(i) and i, 90,
+                             what="the installed agent's inventory at the collector")
+            print(f"\nrig: one-command install in {install_s:.1f} s; its inventory stored by the collector "
+                  f"{time.monotonic() - t1:.1f} s later")
+            cam, spk = inv[room.camera.key], inv[room.speaker.key]
+            assert (cam["kind"], cam["serial"], spk["kind"], spk["serial"]) == \
+                ("camera", "PANTAU-CAM-1", "speakerphone", "PANTAU-SPK-1")
+            assert cam["port"] == room.camera.usb_path() and spk["port"] == room.speaker.usb_path()
+
+            enroll.disable_agent(store, site["settings"], "room-1", "tester", "PC replaced")
+            wait_until(lambda: "not authori" in rig.sh("cat /var/log/pantau-agent.log").lower(), 30,
+                       what="the installed agent refused by the broker")
+            time.sleep(1.0)  # the broker's will message for the dropped connection
+            watcher.got.clear()
+            stored = store.query("SELECT count(*) AS n FROM evidence WHERE agent = 'room-1'")[0]["n"]
+            # something to say: the speaker unplugged and back (the rig's other agent reports both)
+            n_att = len(room.events("device.attached", room.speaker.key))
+            room.speaker.unplug()
+            room.speaker.plug()
+            wait_until(lambda: len(room.events("device.attached", room.speaker.key)) > n_att, 30,
+                       what="the replug reported by the rig's other agent")
+            # the installed agent saw it too: the events wait in its outbox, undelivered
+            held = wait_until(lambda: (t := _outbox(rig, room.speaker.key)) and
+                              {"device.detached", "device.attached"} <= set(t) and t, 30,
+                              what="the replug in the installed agent's outbox")
+            time.sleep(3.0)
+            rig.sh(f"kill -0 {pid}")  # still running, retrying: not crashed
+            print(f"rig: after the disable, the speaker's {', '.join(held)} held by the agent, none delivered")
+            assert watcher.got == []
+            assert store.query("SELECT count(*) AS n FROM evidence WHERE agent = 'room-1'")[0]["n"] == stored
+        finally:
+            watcher.close()
+            sub.stop()
 
 
 # --------------------------------------------------------------------------- the idle self-test

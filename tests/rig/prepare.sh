@@ -35,18 +35,21 @@ if [ ! -f kernel/boot/vmlinuz-"$kv" ]; then
   rm -rf pkg
 fi
 
-if [ ! -f root/.pantau-ready ]; then
-  log "building the guest root (debootstrap, about a minute)"
-  rm -rf root
+# The guest root's packages. The root is rebuilt whenever this list changes (its marker holds the
+# list), so every machine's cached root has them. curl: the one-command install (tests/test_rig.py).
+packages=python3,kmod,usbutils,udev,iproute2,alsa-utils,v4l-utils,usbip,libusb-1.0-0,procps,curl
+if [ "$(cat root/.pantau-ready 2>/dev/null)" != "$packages" ]; then
+  log "building the guest root (debootstrap, about two minutes)"
+  rm -rf root.new
   mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
-  debootstrap --variant=minbase \
-    --include=python3,kmod,usbutils,udev,iproute2,alsa-utils,v4l-utils,usbip,libusb-1.0-0,procps \
-    bookworm root "${mirror:-http://deb.debian.org/debian}" >/dev/null
-  mkdir -p root/lib/modules
-  cp -a kernel/lib/modules/"$kv" root/lib/modules/
-  depmod -b root "$kv"
-  mkdir -p root/pantau root/opt/pantau-py
-  touch root/.pantau-ready
+  debootstrap --variant=minbase --include="$packages" \
+    bookworm root.new "${mirror:-http://deb.debian.org/debian}" >/dev/null
+  mkdir -p root.new/lib/modules
+  cp -a kernel/lib/modules/"$kv" root.new/lib/modules/
+  depmod -b root.new "$kv"
+  mkdir -p root.new/pantau root.new/opt/pantau-py
+  echo "$packages" > root.new/.pantau-ready
+  rm -rf root && mv root.new root
 fi
 
 if [ ! -f root/opt/pantau-py/.pantau-ready-2 ]; then
