@@ -17,7 +17,7 @@ import pytest
 
 from tests.builder import CAMERA, SPEAKER, write_bus
 from tests.conftest import Mosquitto
-from tests.procs import Recorder, db_rows, retained, start_agent, start_collector, wait_until
+from tests.procs import Recorder, db_rows, publisher, retained, start_agent, start_collector, wait_until
 
 pytestmark = pytest.mark.broker
 OUTAGE_S = float(os.environ.get("PANTAU_TEST_OUTAGE_S", "30"))
@@ -211,6 +211,15 @@ def test_tls_and_password_authentication(tmp_path: Path) -> None:
 def test_full_outbox_drops_oldest_and_says_so(tmp_path: Path, mosquitto: Mosquitto) -> None:
     bus = tmp_path / "bus.json"
     write_bus(bus, CAMERA, SPEAKER)
+    # the recorder's persistent session exists before the outage, so nothing the agent sends the moment
+    # the broker is back can slip past it
+    rec = Recorder(mosquitto.port, client_id="test-recorder-outbox")
+    pub = publisher(mosquitto.port)
+    pub.publish("pantau/v1/agents/probe/events", "{}", qos=1).wait_for_publish(10)
+    wait_until(lambda: rec.msgs, 10, what="the recorder to subscribe")
+    pub.loop_stop()
+    pub.disconnect()
+    rec.close()
     mosquitto.stop()
     agent = start_agent(tmp_path, mosquitto.url, PANTAU_SPOOL_MAX_EVENTS="5")
     from agent.spool import Outbox
@@ -228,7 +237,7 @@ def test_full_outbox_drops_oldest_and_says_so(tmp_path: Path, mosquitto: Mosquit
         wait_until(lambda: ob.dropped_total == 6, 10, what="6 drops")  # agent.started + 10 plug events
         assert ob.depth == 5
         ob.close()
-        rec = Recorder(mosquitto.start().port)
+        rec = Recorder(mosquitto.start().port, client_id="test-recorder-outbox")
         state = wait_until(lambda: [s for s in rec.of("state") if s.get("state") == "online"], 30)
         assert state[-1]["spool_dropped"] == 6
         tel = wait_until(lambda: rec.of("telemetry"), 10)
