@@ -235,16 +235,14 @@ class Classifier:
 
     def _not_expected(self, agent: str) -> dict[str, float]:
         """Devices no longer expected in any room: a lease that ended (at the end of its ``lease_end``
-        day, UTC) or a recorded return (``returned_at``, where the registry has it). Read from the
+        day, UTC) or a recorded return (``returned_at``). Read from the
         registry at most every few seconds; the same map serves every agent."""
         now = time.monotonic()
         if now - self._leases_read < 5.0:
             return self._leases
-        cols = {r["name"] for r in self.store.query("PRAGMA table_info(loans)")}
-        returned = "returned_at" if "returned_at" in cols else "NULL"
         out: dict[str, float] = {}
-        for r in self.store.query(f"SELECT device, lease_end, {returned} AS returned_at FROM loans "
-                                  f"WHERE lease_end IS NOT NULL OR {returned} IS NOT NULL"):
+        for r in self.store.query("SELECT device, lease_end, returned_at FROM loans "
+                                  "WHERE lease_end IS NOT NULL OR returned_at IS NOT NULL"):
             ends = [t for t in (_day_end(r["lease_end"]), ts_seconds_or_none(r["returned_at"])) if t is not None]
             if ends:
                 out[r["device"]] = min(ends)

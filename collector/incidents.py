@@ -85,9 +85,10 @@ class IncidentBook:
             stored = {r[0]: dict(zip(cols, r, strict=True)) for r in cur.fetchall()}
             seen = set()
             # the trouble of final incidents: what is left of it after pruning belongs to them, never to a
-            # new incident made of their remains
+            # new incident made of their remains (read only when something new is computed: remains would
+            # always carry a new id)
             settled = {(e.get("boot"), e.get("seq")) for old in stored.values() if _is_final(old, final, settled_before)
-                       for e in _refs(old)}
+                       for e in _refs(old)} if any(inc.id not in stored for inc in computed) else set()
             for inc in computed:
                 needs_from = inc.needs_from(windows)
                 if final(needs_from) or any((t.boot, t.seq) in settled for t in inc.trouble if not t.synthetic):

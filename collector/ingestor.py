@@ -195,13 +195,14 @@ class Ingestor:
                     self._reject(db, b, item, exc)
                     continue
                 undo = b.mark(msg.agent)
-                plain = msg.kind == "telemetry" and not self._telemetry_is_evidence(b, msg)
+                seen_again = self._seen_again(b, msg) if msg.kind == "telemetry" else None
+                plain = msg.kind == "telemetry" and seen_again is None
                 try:
                     if plain:  # one statement (the dedup row) and samples written with the batch
-                        self._apply(db, b, item, msg)
+                        self._apply(db, b, item, msg, seen_again)
                     else:
                         with self.store.savepoint(db):
-                            self._apply(db, b, item, msg)
+                            self._apply(db, b, item, msg, seen_again)
                 except Exception as exc:
                     if _store_failure(exc):
                         raise
@@ -223,7 +224,8 @@ class Ingestor:
             self._persist_counters(db, b)
         return b
 
-    def _apply(self, db: sqlite3.Connection, b: _Batch, item: Inbound, msg: Message) -> None:
+    def _apply(self, db: sqlite3.Connection, b: _Batch, item: Inbound, msg: Message,
+               seen_again: frozenset[str] | None = None) -> None:
         """Store one message (its changes to ``b`` are undone by the caller if this raises)."""
         seq = WILL_SEQ if msg.seq is None else msg.seq
         if not self.store.mark_seen(db, msg.agent, msg.boot, seq):
@@ -248,7 +250,7 @@ class Ingestor:
         if not dashboard and (upd.get("last_seen") is None or stamp > upd["last_seen"]):
             upd["last_seen"] = stamp
         if msg.kind == "telemetry":
-            self._telemetry(db, b, msg, stamp, item.received_at, upd)
+            self._telemetry(db, b, msg, stamp, item.received_at, upd, seen_again)
         else:
             self._evidence(db, b, msg, stamp, item.received_at)
             last, _ = self._tele_state(b, msg.agent)
@@ -268,11 +270,12 @@ class Ingestor:
     def _tele_state(self, batch: _Batch, agent: str) -> tuple[frozenset[str], bool]:
         return batch.tele.get(agent) or self._tele.get(agent) or (frozenset(), True)
 
-    def _telemetry_is_evidence(self, b: _Batch, msg: Message) -> bool:
-        """Telemetry is evidence only when it can say something new: a device seen again."""
+    def _seen_again(self, b: _Batch, msg: Message) -> frozenset[str] | None:
+        """Telemetry is evidence only when it can say something new (a device seen again): then the keys it
+        lists present, else None."""
         present = frozenset(d["key"] for d in msg.payload["devices"] if d.get("present") is True)
         last, events_since = self._tele_state(b, msg.agent)
-        return bool(present) and (present != last or events_since)
+        return present if present and (present != last or events_since) else None
 
     def _merge(self, b: _Batch) -> None:
         self.received += b.received
@@ -363,7 +366,7 @@ class Ingestor:
         return MISMATCH if rooms and lent[0] not in rooms else None
 
     def _telemetry(self, db: sqlite3.Connection, b: _Batch, msg: Message, stamp: str, received_at: float,
-                   upd: dict[str, Any]) -> None:
+                   upd: dict[str, Any], seen_again: frozenset[str] | None) -> None:
         p = msg.payload
         t = ts_seconds(stamp)
         host = p.get("host") or HostGauges()
@@ -381,13 +384,10 @@ class Ingestor:
             rows += [(t, msg.agent, key, k, float(v)) for key, values in devices
                      for k, v in zip(DEVICE_METRICS, values, strict=True) if v is not None]
             self.timeseries.add(msg.agent, rows, *self._labels(db, msg.agent))
-        present = frozenset(d["key"] for d in p["devices"] if d.get("present") is True)
-        last, events_since = self._tele_state(b, msg.agent)
-        if present and (present != last or events_since):
-            # evidence only when it can say something new: a device seen again
-            b.tele[msg.agent] = (present, False)
+        if seen_again:  # evidence only when it can say something new (decided once, by _seen_again)
+            b.tele[msg.agent] = (seen_again, False)
             slim = Payload(v=1, agent=msg.agent, boot=msg.boot, seq=msg.seq or 0, ts=stamp, kind="telemetry",
-                           devices=[DeviceObject(key=k, present=True) for k in sorted(present)])
+                           devices=[DeviceObject(key=k, present=True) for k in sorted(seen_again)])
             cur = db.execute("INSERT INTO evidence (agent, boot, seq, ts, kind, type, device, payload, received_at) "
                              "VALUES (?,?,?,?,?,?,?,?,?)", (msg.agent, msg.boot, msg.seq, stamp, "telemetry",
                                                             "telemetry", None, dumps(slim), format_epoch(received_at)))
