@@ -39,7 +39,19 @@ class AuditKeyError(ValueError):
     pass
 
 
+def _is_postgres(db_path: str) -> bool:
+    return db_path.startswith(("postgresql://", "postgres://"))
+
+
+def _ident(db_path: str) -> str:
+    """What names a database: a file's absolute path, or a PostgreSQL connection string as given."""
+    return db_path if _is_postgres(db_path) else os.path.abspath(db_path)
+
+
 def default_key_file(db_path: str) -> str:
+    if _is_postgres(db_path):  # several collectors share it: each must be given the same key file
+        raise AuditKeyError("audit: with a PostgreSQL database, set audit_key_file (the same key on every "
+                            "collector)")
     return os.path.join(os.path.dirname(os.path.abspath(db_path)), KEY_FILE_NAME)
 
 
@@ -80,6 +92,9 @@ def _load_or_create(path: str) -> tuple[bytes, bool]:
 
 
 def _db_path(db: sqlite3.Connection) -> str:
+    name = getattr(db, "name", None)  # a PostgreSQL store's connection names its database itself
+    if isinstance(name, str):
+        return name
     row = db.execute("PRAGMA database_list").fetchone()
     return os.path.abspath(row[2]) if row and row[2] else ""
 
@@ -87,13 +102,13 @@ def _db_path(db: sqlite3.Connection) -> str:
 def configure(db_path: str, key_file: str | None = None) -> bytes:
     """Use ``key_file`` (default: beside the database) for the chain in ``db_path``; create it if absent,
     sealing any entries written before it existed. Returns the key."""
-    path = os.path.abspath(db_path)
+    path = _ident(db_path)
     kf = key_file or default_key_file(path)
     with _lock:
         key, created = _load_or_create(kf)
         _keys[path] = key
         _key_files[path] = kf
-    if created and os.path.exists(path):
+    if created and not _is_postgres(path) and os.path.exists(path):
         db = sqlite3.connect(path, isolation_level=None)
         try:
             db.execute("PRAGMA busy_timeout=10000")
@@ -113,7 +128,7 @@ def configure(db_path: str, key_file: str | None = None) -> bytes:
 
 
 def key_file_for(db_path: str) -> str:
-    path = os.path.abspath(db_path)
+    path = _ident(db_path)
     with _lock:
         return _key_files.get(path) or default_key_file(path)
 
@@ -209,6 +224,14 @@ def verify_file(db_path: str, key_file: str | None = None) -> tuple[int, int | N
     """Verify from a read-only connection of its own, on one snapshot: never blocks writers (WAL)."""
     kf = key_file or key_file_for(db_path)
     key = read_key(kf)
+    if _is_postgres(db_path):
+        import psycopg
+
+        with psycopg.connect(db_path, autocommit=True) as conn:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")  # one snapshot
+            result = _check(key, conn.execute(_SELECT))  # type: ignore[arg-type]
+            conn.execute("COMMIT")
+            return result
     if not os.path.exists(db_path):
         raise AuditKeyError(f"audit: no database at {db_path}")
     uri = "file:" + os.path.abspath(db_path).replace("?", "%3f").replace("#", "%23") + "?mode=ro"
@@ -235,13 +258,18 @@ def yield_cpu() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     yield_cpu()
-    if not 1 <= len(args) <= 2:
-        print("usage: python -m collector.audit DB [KEYFILE]", file=sys.stderr)
+    if args and args[0] == "-":  # the database named by PANTAU_AUDIT_DB (a connection string stays off argv)
+        args = [os.environ.get("PANTAU_AUDIT_DB", ""), *args[1:]]
+    if not 1 <= len(args) <= 2 or not args[0]:
+        print("usage: python -m collector.audit DB|- [KEYFILE]", file=sys.stderr)
         return 2
     try:
         n, broken, why = verify_file(args[0], args[1] if len(args) > 1 else None)
     except (AuditKeyError, sqlite3.Error) as exc:
         print(json.dumps({"error": str(exc)}))
+        return 2
+    except Exception as exc:  # psycopg's errors: the server refused or is away
+        print(json.dumps({"error": f"audit: {type(exc).__name__}: {exc}"}))
         return 2
     print(json.dumps({"entries": n, "first_broken": broken, "message": why}))
     return 0 if broken is None else 1

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable
@@ -25,6 +24,7 @@ from collector.classify import evaluate
 from collector.incidents import IncidentBook
 from collector.ingestor import MISMATCH, Stored
 from collector.policy import Windows
+from collector.store import store_failure
 from collector.store.sqlite import SqliteStore
 from collector.timeline import AgentHistory, evidence_from
 from common.protocol import Message, ProtocolError, Topic, format_epoch, now_ts, ts_seconds, ts_seconds_or_none
@@ -35,10 +35,10 @@ _CHANNEL = {"event": "events"}
 
 class Classifier:
     def __init__(self, store: SqliteStore, windows: Windows | None = None, lang: str = "id",
-                 classify_every_s: float = 0.0) -> None:
+                 classify_every_s: float = 0.0, book: IncidentBook | None = None) -> None:
         self.store = store
         self.windows = windows or Windows()
-        self.book = IncidentBook(store, lang)
+        self.book = book or IncidentBook(store, lang)
         self.classify_every_s = classify_every_s
         self.histories: dict[str, AgentHistory] = {}
         self.clocks: dict[str, float] = {}  # agent -> its clock (greatest ts), seconds
@@ -206,10 +206,11 @@ class Classifier:
             for agent in sorted(dirty):
                 try:
                     self.classify(agent)
-                except sqlite3.OperationalError as exc:  # the store refused (a full disk): decide again later
-                    log.warning("recording %s's incidents failed (%s); tried again", agent, exc)
-                    self._dirty.add(agent)
-                except Exception:  # one agent's failure must not stop the others' decisions
+                except Exception as exc:  # one agent's failure must not stop the others' decisions
+                    if store_failure(exc):  # the store refused (a full disk, a lost connection): again later
+                        log.warning("recording %s's incidents failed (%s); tried again", agent, exc)
+                        self._dirty.add(agent)
+                        continue
                     log.exception("classifying %s failed; it is tried again with its next evidence", agent)
 
     def classify(self, agent: str) -> list[str]:

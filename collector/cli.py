@@ -85,9 +85,9 @@ def _wait_for_signal() -> None:
 def _serve(cfg: Any, config_path: str | None = None) -> int:
     from collector import audit
     from collector.service import Service
-    from collector.store.sqlite import SqliteStore
+    from collector.store import open_store
 
-    SqliteStore(cfg.db).close()  # a damaged database stops here, before anything is created beside it
+    open_store(cfg.db).close()  # a damaged database stops here, before anything is created beside it
     audit.configure(cfg.db, cfg.audit_key_file)
     svc = Service(cfg)
     svc.config_path = config_path
@@ -190,13 +190,15 @@ def _audit_verify(cfg: Any) -> int:
 
     from collector import audit
 
-    if not os.path.exists(cfg.db):
+    if not cfg.db.startswith(("postgresql://", "postgres://")) and not os.path.exists(cfg.db):
         print(f"pantau-collector audit: no database at {cfg.db}", file=sys.stderr)
         return 2
     audit.yield_cpu()
     try:
         n, broken, why = audit.verify_file(cfg.db, cfg.audit_key_file or audit.default_key_file(cfg.db))
-    except (audit.AuditKeyError, sqlite3.Error) as exc:
+    except Exception as exc:  # the key file, SQLite or the PostgreSQL server
+        if not isinstance(exc, audit.AuditKeyError | sqlite3.Error) and type(exc).__module__.split(".")[0] != "psycopg":
+            raise
         print(f"pantau-collector audit: {exc}", file=sys.stderr)
         return 2
     print(f"{n} entries checked: {why}")
@@ -213,11 +215,11 @@ def _user(cfg: Any, args: argparse.Namespace) -> int:
     import getpass
 
     from collector import audit, users
-    from collector.store.sqlite import SqliteStore
+    from collector.store import open_store
 
     by = f"cli:{getpass.getuser()}"
     audit.configure(cfg.db, cfg.audit_key_file)
-    store = SqliteStore(cfg.db)
+    store = open_store(cfg.db)
     try:
         if args.user_cmd == "add":
             password = _read_password() if args.password_stdin else None
@@ -255,7 +257,7 @@ def _enroll_cmd(cfg: Any, args: argparse.Namespace) -> int:
     import getpass
 
     from collector import audit, bundle, enroll
-    from collector.store.sqlite import SqliteStore
+    from collector.store import open_store
 
     if args.cmd == "bundle":
         out = args.out or cfg.bundle_dir
@@ -269,7 +271,7 @@ def _enroll_cmd(cfg: Any, args: argparse.Namespace) -> int:
     by = f"cli:{getpass.getuser()}"
     settings = enroll.EnrollSettings.from_config(cfg)
     audit.configure(cfg.db, cfg.audit_key_file)
-    store = SqliteStore(cfg.db)
+    store = open_store(cfg.db)
     try:
         if args.cmd == "enroll":
             expires = enroll.parse_duration(args.expires) if args.expires else settings.expires_s

@@ -24,7 +24,7 @@ class CollectorConfig:
     ingest_workers: int = 1  # > 1: that many worker processes on an MQTT 5 shared subscription
     prefix: str = "pantau"
     mqtt_version: str = "auto"  # auto (5, falling back to 3.1.1) | 5 | 3.1.1
-    db: str = "var/pantau.sqlite"
+    db: str = "var/pantau.sqlite"  # or postgresql://user:password@host/dbname (PANTAU_DB)
     http: str = "127.0.0.1:8080"
     registry: str | None = None
     lang: str = "id"
@@ -184,6 +184,12 @@ def load(path: str | None = None, env: dict[str, str] | None = None, **overrides
                           "comma-separated")
     if cfg.work_start_h >= cfg.work_end_h:
         raise ConfigError("config: work_start_h: must be before work_end_h")
+    if cfg.db.startswith(("postgresql://", "postgres://")) and not cfg.audit_key_file:
+        raise ConfigError("config: audit_key_file: needed with a PostgreSQL db (give every collector the same key "
+                          "file)")
+    if "://" in cfg.db and not cfg.db.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"config: db: {cfg.db.split('://')[0]}:// is not a store: give a file path or "
+                          "postgresql://user:password@host/dbname")
     return cfg
 
 

@@ -24,16 +24,27 @@ class Collector:
                  dead_letter_max: int = 1000, lang: str = "id", timeseries: Any = None,
                  classify_every_s: float = 0.0, classify: bool = True) -> None:
         self.store = store
+        self.windows = windows
+        self.lang = lang
+        self.classify_every_s = classify_every_s
         self.ingestor = Ingestor(store, prefix, dead_letter_max, timeseries)
-        # in an ingest worker the main process classifies, following the store
-        self.classifier: Classifier | None = Classifier(store, windows, lang, classify_every_s) if classify else None
-        if self.classifier is not None:
+        # people's decisions (override, acknowledge) go through the book in every collector; the
+        # classifier's changes through the same book, so its listeners (notifications) hear both
+        self.book = IncidentBook(store, lang)
+        # in an ingest worker the main process classifies, following the store; with several collectors on
+        # one PostgreSQL, the one holding the lead (``start_classifying``)
+        self.classifier: Classifier | None = None
+        if classify:
+            self.classifier = Classifier(store, windows, lang, classify_every_s, self.book)
             self.ingestor.listeners.append(self.classifier.accept)
 
-    @property
-    def book(self) -> IncidentBook:
-        assert self.classifier is not None, "an ingest-only collector keeps no incident book"
-        return self.classifier.book
+    def start_classifying(self) -> None:
+        """Become the classifier, from what is stored (as at a restart); fed by ``follow``."""
+        if self.classifier is None:
+            self.classifier = Classifier(self.store, self.windows, self.lang, self.classify_every_s, self.book)
+
+    def stop_classifying(self) -> None:
+        self.classifier = None
 
     @property
     def timeseries(self) -> Any:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from collector.store import store_failure
 from collector.store.sqlite import DEVICE_METRICS, HOST_METRICS, SqliteStore, dumps
 from collector.timeline import WILL_SEQ, AgentClocks, is_dashboard_boot
 from common.protocol import (
@@ -71,11 +72,6 @@ def _num(v: Any) -> float | None:
 
 def _flag(v: Any) -> int | None:
     return (1 if v else 0) if isinstance(v, bool) else None
-
-
-def _store_failure(exc: BaseException) -> bool:
-    """Errors of the store itself (full disk, I/O, lock): the batch is retried, never dead-lettered."""
-    return isinstance(exc, sqlite3.OperationalError | MemoryError) or type(exc) is sqlite3.DatabaseError
 
 
 class _OffsetWindow:
@@ -169,7 +165,7 @@ class Ingestor:
             batch = self._ingest(items)
         except Exception as exc:
             self.last_failure = f"{type(exc).__name__}: {exc}"
-            if _store_failure(exc) or len(items) == 1:
+            if store_failure(exc) or len(items) == 1:
                 raise
             log.exception("a batch of %d failed outside any one message; storing them one by one", len(items))
             out: list[Stored] = []
@@ -204,20 +200,21 @@ class Ingestor:
                         with self.store.savepoint(db):
                             self._apply(db, b, item, msg, seen_again)
                 except Exception as exc:
-                    if _store_failure(exc):
+                    if store_failure(exc):
                         raise
                     b.undo(msg.agent, undo)
                     if plain and msg.seq is not None:
                         self.store.unmark_seen(db, msg.agent, msg.boot, msg.seq)
                     log.exception("message on %s broke ingest; dead-lettered", item.topic[:120])
                     self._reject(db, b, item, ProtocolError("ingest_failed", f"{type(exc).__name__}: {exc}"))
-            SqliteStore.add_samples(db, b.host_rows, b.device_rows)
+            self.store.add_samples(db, b.host_rows, b.device_rows)
             for agent, rx, off in b.offsets:  # (an observation of what arrived: kept even if this batch fails)
                 b.offset_min[agent] = self._offsets.setdefault(agent, _OffsetWindow()).add(rx, off)
             for agent, upd in b.agents.items():
                 self._update_agent(db, agent, upd, b)
-            db.executemany("UPDATE boots SET last_ts = max(coalesce(last_ts, ?), ?) WHERE agent = ? AND boot = ?",
-                           [(t, t, a, boot) for (a, boot), t in b.boot_ts.items()])
+            db.executemany("UPDATE boots SET last_ts = ? WHERE agent = ? AND boot = ? "
+                           "AND (last_ts IS NULL OR last_ts < ?)",
+                           [(t, a, boot, t) for (a, boot), t in b.boot_ts.items()])
             dead = db.execute("SELECT max(id) FROM dead_letter").fetchone()[0]
             if dead and dead > self.dead_letter_max:
                 db.execute("DELETE FROM dead_letter WHERE id <= ?", (dead - self.dead_letter_max,))
@@ -306,7 +303,7 @@ class Ingestor:
         deltas.update({f"rejected:{k}": v for k, v in b.rejected.items()})
         for name, d in deltas.items():
             if d:
-                SqliteStore.bump(db, name, d)
+                self.store.bump(db, name, d)
         if b.lag:
             db.execute("INSERT INTO counters VALUES ('lag_ms', ?) ON CONFLICT(name) DO UPDATE SET "
                        "value = excluded.value", (int(b.lag * 1000),))

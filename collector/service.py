@@ -17,14 +17,15 @@ class Service:
     def __init__(self, cfg: Any) -> None:
         from collector.ingest import Collector
         from collector.registry import load_toml
-        from collector.store.sqlite import SqliteStore
+        from collector.store import is_postgres, open_store
         from collector.subscriber import Subscriber
         from collector.web.server import WebServer
         from collector.web.settings import WebSettings
         from common.config import parse_broker
 
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.db)), exist_ok=True)
-        self.store = SqliteStore(cfg.db)
+        if not is_postgres(cfg.db):
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.db)), exist_ok=True)
+        self.store = open_store(cfg.db)
         if cfg.registry:
             load_toml(self.store, cfg.registry)
         ts = None
@@ -33,8 +34,11 @@ class Service:
 
             ts = InfluxSink(cfg.influx_url, cfg.influx_token or "", cfg.influx_org or "", cfg.influx_bucket,
                             cfg.influx_buffer)
+        # several collectors may share a PostgreSQL database: each ingests its share of the stream, and
+        # the one holding the lead classifies what all of them stored (``_lead``)
+        self.shared = getattr(self.store, "dialect", "sqlite") == "postgresql"
         self.collector = Collector(self.store, cfg.windows, cfg.prefix, lang=cfg.lang, timeseries=ts,
-                                   classify_every_s=1.0)
+                                   classify_every_s=1.0, classify=not self.shared)
         self.notifier = None
         if cfg.smtp_host or cfg.webhook_url:
             from collector.notify import Notifier, NotifyConfig
@@ -71,6 +75,9 @@ class Service:
         if self.notifier is not None:
             self.notifier.start()
         self.web.start()
+        if self.shared:
+            self._lead_once()  # the first collector classifies from its start
+            threading.Thread(target=self._lead, daemon=True).start()
         if self.subscriber is not None:
             self.subscriber.start()
         else:
@@ -79,7 +86,8 @@ class Service:
                 if self.config_path:
                     args += ["--config", self.config_path]
                 self.workers.append(subprocess.Popen(args))
-            threading.Thread(target=self._follow, daemon=True).start()
+            if not self.shared:
+                threading.Thread(target=self._follow, daemon=True).start()
         threading.Thread(target=self._maintain, daemon=True).start()
 
     config_path: str | None = None
@@ -101,6 +109,32 @@ class Service:
                            f"(more than {self.TIMESERIES_BUFFER_MAX})")
         return reasons
 
+    LEAD_EVERY_S = 1.0
+
+    @property
+    def leading(self) -> bool:
+        """This collector classifies (always, on SQLite; on PostgreSQL, the one holding the lead)."""
+        return not self.shared or self.collector.classifier is not None
+
+    def _lead_once(self) -> None:
+        if self.store.try_lead():
+            if self.collector.classifier is None:
+                logging.getLogger(__name__).info("this collector classifies (it holds the lead)")
+                self.collector.start_classifying()
+            self.collector.follow()
+        elif self.collector.classifier is not None:
+            logging.getLogger(__name__).warning("this collector lost the lead: another one classifies now")
+            self.collector.stop_classifying()
+
+    def _lead(self) -> None:
+        """Take the lead when no collector holds it (within ``LEAD_EVERY_S`` of its holder's end), and
+        classify what every collector stored while holding it."""
+        while not self._stop.wait(self.LEAD_EVERY_S if self.collector.classifier is None else 0.5):
+            try:
+                self._lead_once()
+            except Exception:
+                logging.getLogger(__name__).exception("leading failed; tried again")
+
     def _follow(self) -> None:
         while not self._stop.wait(0.5):
             try:
@@ -113,15 +147,16 @@ class Service:
 
         while not self._stop.wait(10):
             try:
-                self.collector.tick()
                 self.store.roll_up_and_expire(time.time())
-                leases.sweep(self.store)  # loan-out and return snapshots that are due; lease-ended accounts
                 if self.collector.timeseries is not None:
                     self.collector.timeseries.retry_buffer()
+                if self.leading:  # pruning, loans and fleet notices: the classifying collector's
+                    self.collector.tick()
+                    leases.sweep(self.store)  # loan-out and return snapshots that are due; lease-ended accounts
             except Exception:
                 logging.getLogger(__name__).exception("maintenance failed")
             try:
-                if self.fleet_watch is not None:
+                if self.fleet_watch is not None and self.leading:
                     self.fleet_watch.check()
             except Exception:
                 logging.getLogger(__name__).exception("fleet notifications failed")

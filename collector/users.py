@@ -110,7 +110,7 @@ def set_password(store: SqliteStore, name: str, password: str, by: str) -> None:
     with store.tx() as db:
         if db.execute("UPDATE users SET password = ? WHERE name = ?", (hashed, name)).rowcount != 1:
             raise UserError(f"no user {name!r}")
-        db.execute("DELETE FROM sessions WHERE user = ?", (name,))
+        db.execute("DELETE FROM sessions WHERE \"user\" = ?", (name,))
         audit.append(db, at, by, None, "user.password_set", {"user": name})
 
 
@@ -120,8 +120,8 @@ def disable(store: SqliteStore, name: str, by: str) -> None:
     with store.tx() as db:
         if db.execute("UPDATE users SET disabled = 1 WHERE name = ?", (name,)).rowcount != 1:
             raise UserError(f"no user {name!r}")
-        db.execute("DELETE FROM sessions WHERE user = ?", (name,))
-        db.execute("DELETE FROM tokens WHERE user = ?", (name,))
+        db.execute("DELETE FROM sessions WHERE \"user\" = ?", (name,))
+        db.execute("DELETE FROM tokens WHERE \"user\" = ?", (name,))
         audit.append(db, at, by, None, "user.disabled", {"user": name})
 
 
@@ -131,7 +131,7 @@ def listing(store: Queryable) -> list[dict[str, Any]]:
     for r in rows:
         r["disabled"] = bool(r["disabled"])
         r["has_password"] = bool(r["has_password"])
-        r["tokens"] = store.query("SELECT count(*) AS n FROM tokens WHERE user = ? AND kind = 'api'",
+        r["tokens"] = store.query("SELECT count(*) AS n FROM tokens WHERE \"user\" = ? AND kind = 'api'",
                                   (r["name"],))[0]["n"]
     return rows
 
@@ -205,14 +205,14 @@ def new_session(store: SqliteStore, user: User, ttl_s: float) -> tuple[str, str]
     now = time.time()
     with store.tx() as db:
         db.execute("DELETE FROM sessions WHERE expires_at < ?", (now,))
-        db.execute("INSERT INTO sessions (id, user, csrf, created_at, expires_at) VALUES (?,?,?,?,?)",
+        db.execute("INSERT INTO sessions (id, \"user\", csrf, created_at, expires_at) VALUES (?,?,?,?,?)",
                    (_sha(token), user.name, csrf, now, now + ttl_s))
     return token, csrf
 
 
 def session(store: Queryable, token: str) -> tuple[User, str] | None:
     """(user, CSRF token) of a live session of an enabled account."""
-    rows = store.query("SELECT u.name, u.role, u.unit, s.csrf FROM sessions s JOIN users u ON u.name = s.user "
+    rows = store.query("SELECT u.name, u.role, u.unit, s.csrf FROM sessions s JOIN users u ON u.name = s.\"user\" "
                        "WHERE s.id = ? AND s.expires_at > ? AND u.disabled = 0", (_sha(token), time.time()))
     return (_row_user(rows[0]), rows[0]["csrf"]) if rows else None
 
@@ -232,7 +232,7 @@ def new_token(store: SqliteStore, name: str, label: str, by: str, kind: str = "a
     with store.tx() as db:
         if not db.execute("SELECT 1 FROM users WHERE name = ? AND disabled = 0", (name,)).fetchone():
             raise UserError(f"no enabled user {name!r}")
-        db.execute("INSERT INTO tokens (id, user, kind, label, created_at, expires_at) VALUES (?,?,?,?,?,?)",
+        db.execute("INSERT INTO tokens (id, \"user\", kind, label, created_at, expires_at) VALUES (?,?,?,?,?,?)",
                    (_sha(token), name, kind, label[:120], now, now + ONCE_TTL_S if kind == "once" else None))
         audit.append(db, now_ts(), by, None, "token.created", {"user": name, "kind": kind, "label": label[:120]})
     return token
@@ -240,7 +240,7 @@ def new_token(store: SqliteStore, name: str, label: str, by: str, kind: str = "a
 
 def token_user(store: Queryable, token: str) -> User | None:
     """The owner of a live API token."""
-    rows = store.query("SELECT u.name, u.role, u.unit FROM tokens t JOIN users u ON u.name = t.user "
+    rows = store.query("SELECT u.name, u.role, u.unit FROM tokens t JOIN users u ON u.name = t.\"user\" "
                        "WHERE t.id = ? AND t.kind = 'api' AND u.disabled = 0", (_sha(token),))
     if not rows:
         return None
@@ -250,7 +250,7 @@ def token_user(store: Queryable, token: str) -> User | None:
 def use_once(store: SqliteStore, token: str) -> User | None:
     """Spend a one-time sign-in token: its user, or None if unknown, used or expired."""
     with store.tx() as db:
-        row = db.execute("SELECT u.name, u.role, u.unit FROM tokens t JOIN users u ON u.name = t.user "
+        row = db.execute("SELECT u.name, u.role, u.unit FROM tokens t JOIN users u ON u.name = t.\"user\" "
                          "WHERE t.id = ? AND t.kind = 'once' AND t.expires_at > ? AND u.disabled = 0",
                          (_sha(token), time.time())).fetchone()
         db.execute("DELETE FROM tokens WHERE id = ? AND kind = 'once'", (_sha(token),))

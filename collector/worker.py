@@ -14,7 +14,7 @@ import threading
 
 from collector.config import load
 from collector.ingest import Collector
-from collector.store.sqlite import SqliteStore
+from collector.store import open_store
 from collector.subscriber import Subscriber
 from common.config import ConfigError, parse_broker
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pantau-collector worker: {exc}", file=sys.stderr)
         return 2
-    store = SqliteStore(cfg.db)
+    store = open_store(cfg.db)
     writer = Collector(store, cfg.windows, cfg.prefix, classify=False)
     # Each worker is its own broker account (<username>-w<index>, same password): the shipped broker ties
     # the client id to the account, so workers sharing one would take each other's connection.

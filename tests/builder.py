@@ -118,14 +118,20 @@ def replay(text: str) -> list[dict[str, Any]]:
     return [inc.to_json() for inc in replay_stream(io.StringIO(text)).incidents]
 
 
-def live(text: str, db: Path, tick: bool = True, restart: bool = False) -> list[dict[str, Any]]:
-    """Incidents of a capture through the live ingest path into a real SQLite file (optionally after a
-    maintenance pass and a restart of the collector on that file)."""
+def live(text: str, db: Path | str, tick: bool = True, restart: bool = False) -> list[dict[str, Any]]:
+    """Incidents of a capture through the live ingest path into a real store, a SQLite file or a PostgreSQL
+    database (optionally after a maintenance pass and a restart of the collector on it)."""
     from collector.capture import parse_line
     from collector.ingest import Collector, Inbound
-    from collector.store.sqlite import SqliteStore
+    from collector.store import open_store
 
-    store = SqliteStore(str(db))
+    if str(db).startswith("postgresql://"):  # a server's chain needs its key configured (no file beside it)
+        import tempfile
+
+        from collector import audit
+
+        audit.configure(str(db), os.path.join(tempfile.gettempdir(), "pantau-test-audit.key"))
+    store = open_store(str(db))
     c = Collector(store)
     for n, line in enumerate(text.splitlines(), 1):
         try:
@@ -140,7 +146,7 @@ def live(text: str, db: Path, tick: bool = True, restart: bool = False) -> list[
         c.tick()
     if restart:
         store.close()
-        store = SqliteStore(str(db))
+        store = open_store(str(db))
         Collector(store).tick()
     rows = store.query("SELECT * FROM incidents WHERE status != 'withdrawn' ORDER BY opened_at, agent")
     store.close()

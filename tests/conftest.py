@@ -86,6 +86,77 @@ class Mosquitto:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class Postgres:
+    """A real PostgreSQL server from the distribution's package, on a free loopback port in a temporary
+    folder (run as user ``postgres`` when the tests run as root: the server refuses root)."""
+
+    def __init__(self) -> None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not found:
+            pytest.fail("PostgreSQL is not installed: run `make test`, which installs it")
+        bindir = found[-1].parent
+        self.dir = Path(tempfile.mkdtemp(prefix="pantau-pg-"))
+        self.port = free_port()
+        prefix: list[str] = []
+        if os.geteuid() == 0:
+            os.chmod(self.dir, 0o755)
+            shutil.chown(self.dir, "postgres", "postgres")
+            prefix = ["runuser", "-u", "postgres", "--"]
+        data = self.dir / "data"
+        subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "pantau", "--auth=trust",
+                        "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
+        self.log = open(self.dir / "postgres.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [*prefix, str(bindir / "postgres"), "-D", str(data), "-p", str(self.port), "-k", str(self.dir),
+             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"],
+            stdout=self.log, stderr=self.log)
+        from collector.store.postgres import wait_ready
+
+        wait_ready(self.dsn("postgres"))
+        self._n = 0
+
+    def dsn(self, db: str) -> str:
+        return f"postgresql://pantau@127.0.0.1:{self.port}/{db}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database on this server: its connection string."""
+        import psycopg
+
+        self._n += 1
+        name = f"t{self._n}"
+        with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.dsn(name)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(2)  # fast shutdown: the sessions still open are ended
+        stop_process(self.proc, terminate=False)
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Postgres]:
+    pg = Postgres()
+    yield pg
+    pg.close()
+
+
+@pytest.fixture
+def postgres(postgres_server: Postgres) -> str:
+    """A fresh PostgreSQL database for one test: its connection string."""
+    return postgres_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """What ``db`` names for each store: a SQLite file, and a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "c.sqlite")
+    return str(request.getfixturevalue("postgres"))
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_processes() -> Iterator[None]:
     """Agents and collectors a test started are gone when it ends, whatever happened."""
@@ -119,14 +190,18 @@ def run_cli(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProces
 
 
 @pytest.fixture
-def collector(tmp_path: Path) -> Iterator[Any]:
-    """A live Collector on a real SQLite file with tests.builder's REGISTRY loaded."""
+def collector(tmp_path: Path, store_db: str) -> Iterator[Any]:
+    """A live Collector with tests.builder's REGISTRY loaded, on each store: a real SQLite file and a real
+    PostgreSQL database."""
+    from collector import audit
     from collector.ingest import Collector
     from collector.registry import load_toml
-    from collector.store.sqlite import SqliteStore
+    from collector.store import open_store
     from tests.builder import REGISTRY
 
-    store = SqliteStore(str(tmp_path / "c.sqlite"))
+    if store_db.startswith("postgresql://"):
+        audit.configure(store_db, str(tmp_path / "audit.key"))
+    store = open_store(store_db)
     reg = tmp_path / "registry.toml"
     reg.write_text(REGISTRY)
     load_toml(store, str(reg))

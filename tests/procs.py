@@ -69,11 +69,11 @@ def start_agent(tmp: Path, broker_url: str, agent_id: str = "room-1", bus: Path 
     return Proc(["agent.cli", "simulate", "--bus", str(bus)], {**base, **env}, tmp / f"agent-{agent_id}.log")
 
 
-def start_collector(tmp: Path, broker_url: str, **env: str) -> tuple[Proc, str]:
+def start_collector(tmp: Path, broker_url: str, name: str = "collector", **env: str) -> tuple[Proc, str]:
     port = free_port()
     base = {"PANTAU_BROKER": broker_url, "PANTAU_DB": str(tmp / "collector.sqlite"),
             "PANTAU_HTTP": f"127.0.0.1:{port}"}
-    p = Proc(["collector.cli", "serve"], {**base, **env}, tmp / "collector.log")
+    p = Proc(["collector.cli", "serve"], {**base, **env}, tmp / f"{name}.log")
     return p, f"http://127.0.0.1:{port}"
 
 

@@ -89,7 +89,8 @@ def test_audit_chain_detects_tampering(collector: Collector, tmp_path: Path) -> 
     db = collector.store.db
     n, broken, _ = audit.verify(db)
     assert n == 3 and broken is None  # opened, resolved, opened
-    env = {**os.environ, "PANTAU_DB": collector.store.path}
+    env = {**os.environ, "PANTAU_DB": collector.store.path,
+           "PANTAU_AUDIT_KEY_FILE": audit.key_file_for(collector.store.path)}
     ok = run_cli("collector.cli", "audit", "verify", env=env)
     assert ok.returncode == 0 and "chain intact" in ok.stdout
     db.execute("UPDATE audit SET detail = '{\"cause\":\"handling_damage\"}' WHERE id = 2")
@@ -97,10 +98,7 @@ def test_audit_chain_detects_tampering(collector: Collector, tmp_path: Path) -> 
     assert broken == 2 and "altered" in why
     bad = run_cli("collector.cli", "audit", "verify", env=env)
     assert bad.returncode == 1 and "entry 2" in bad.stdout
-    con = sqlite3.connect(collector.store.path)
-    con.execute("DELETE FROM audit WHERE id = 3")
-    con.commit()
-    con.close()
+    db.execute("DELETE FROM audit WHERE id = 3")  # (outside any transaction: committed at once)
     assert audit.verify(db)[1] == 2  # still the first broken one
 
 

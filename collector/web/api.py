@@ -216,8 +216,9 @@ def verify_audit(request: Request, ident: Auditing) -> dict[str, Any]:
         raise HTTPException(429, "a verification is already running: try again shortly")
     try:
         key_file = st.settings.audit_key_file or audit.key_file_for(st.store.path)
-        proc = subprocess.run([sys.executable, "-m", "collector.audit", os.path.abspath(st.store.path), key_file],
-                              capture_output=True, text=True, timeout=600, check=False)
+        db = st.store.path if getattr(st.store, "dialect", "sqlite") != "sqlite" else os.path.abspath(st.store.path)
+        proc = subprocess.run([sys.executable, "-m", "collector.audit", "-", key_file], capture_output=True,
+                              text=True, timeout=600, check=False, env={**os.environ, "PANTAU_AUDIT_DB": db})
     finally:
         st.verify_lock.release()
     try:

@@ -39,6 +39,8 @@ class Reader:
         return db
 
     def query(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        if getattr(self.store, "dialect", "sqlite") != "sqlite":  # a server: connections of its own per thread
+            return list(self.store.read(sql, args))
         db = self._db()
         if db is None:
             return list(self.store.query(sql, args))

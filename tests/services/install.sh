@@ -11,6 +11,7 @@ command -v victoria-metrics >/dev/null || need+=(victoria-metrics)
 command -v influxd >/dev/null || need+=(influxdb)
 command -v openssl >/dev/null || need+=(openssl)
 command -v chromium >/dev/null || need+=(chromium)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ]; then sudo=""
 elif sudo -n true 2>/dev/null; then sudo="sudo -n"
