@@ -106,7 +106,8 @@ def _demo(cfg: Any, http: str | None) -> int:
     port = _free_port()
     broker = EmbeddedBroker(port)
     broker.start()
-    overrides: dict[str, Any] = {"broker": f"mqtt://127.0.0.1:{port}", "mqtt_version": "3.1.1"}
+    # the embedded broker has no shared subscriptions: the demo receives in the collector's own process
+    overrides: dict[str, Any] = {"broker": f"mqtt://127.0.0.1:{port}", "mqtt_version": "3.1.1", "receivers": 0}
     if http:
         overrides["http"] = http
     from collector.config import load

@@ -21,7 +21,9 @@ class CollectorConfig:
     ca_file: str | None = None
     client_id: str = "pantau-collector"
     share_group: str | None = None
-    ingest_workers: int = 1  # > 1: that many worker processes on an MQTT 5 shared subscription
+    # MQTT receiver processes on a shared subscription, validating for this process's single writer;
+    # 0: receive in this process (brokers without shared subscriptions, such as the demo's)
+    receivers: int = 2
     prefix: str = "pantau"
     mqtt_version: str = "auto"  # auto (5, falling back to 3.1.1) | 5 | 3.1.1
     db: str = "var/pantau.sqlite"  # or postgresql://user:password@host/dbname (PANTAU_DB)
@@ -74,7 +76,7 @@ class CollectorConfig:
 
 
 # key -> (type, lowest allowed, highest allowed)
-_INTS: dict[str, tuple[int, int]] = {"ingest_workers": (1, 32), "smtp_port": (1, 65535),
+_INTS: dict[str, tuple[int, int]] = {"receivers": (0, 32), "smtp_port": (1, 65535),
                                      "http_max_connections": (16, 1_000_000), "work_start_h": (0, 23),
                                      "work_end_h": (1, 24)}
 _FLOATS: dict[str, tuple[float, float]] = {"notify_delay_s": (0.0, 86400.0 * 7), "session_hours": (0.01, 24.0 * 90),
@@ -132,6 +134,9 @@ def load(path: str | None = None, env: dict[str, str] | None = None, **overrides
     path = path or env.get("PANTAU_COLLECTOR_CONFIG")
     if path:
         for k, v in read_toml(path).items():
+            if k == "ingest_workers":
+                raise ConfigError("config: ingest_workers: replaced by receivers (MQTT receiver processes feeding "
+                                  "one writer; 0 receives in the collector's own process)")
             if k not in names:
                 raise ConfigError(f"config: {k}: unknown key (known: {', '.join(sorted(names))})")
             if k == "windows":

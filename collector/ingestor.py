@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from collector.store import store_failure
 from collector.store.sqlite import DEVICE_METRICS, HOST_METRICS, SqliteStore, dumps
 from collector.timeline import WILL_SEQ, AgentClocks, is_dashboard_boot
@@ -38,6 +40,7 @@ from common.protocol import (
     Topic,
     decode_message,
     format_epoch,
+    parse_topic,
     ts_seconds,
 )
 
@@ -53,6 +56,11 @@ class Inbound:
     received_at: float  # wall clock, seconds
     stamp: str | None = None  # a capture's received_at (kept; no rule reads it)
     from_broker: bool = False  # arrived over MQTT (where no dashboard report can come from)
+    # validated already by a receiver process (collector/receiver.py): refused with (reason, detail), or
+    # checked (its payload is parsed again without repeating the checks)
+    refused: tuple[str, str] | None = None
+    checked: bool = False
+    facts: Facts | None = None  # a checked telemetry message, read already (``telemetry_facts``)
 
 
 @dataclass(slots=True)
@@ -72,6 +80,32 @@ def _num(v: Any) -> float | None:
 
 def _flag(v: Any) -> int | None:
     return (1 if v else 0) if isinstance(v, bool) else None
+
+
+# What a telemetry message says, in the form its rows are written in: (agent, boot, seq, ts, its seconds,
+# the host gauges in HOST_METRICS order, each device's (key, present, in_use, errors_total, resets_total,
+# speed rank), the keys it lists present). Receiver processes compute it, so the writer does not.
+Facts = tuple[str, str, int, str, float, tuple[float | None, ...],
+              tuple[tuple[str, int | None, int | None, float | None, float | None, int | None], ...], frozenset[str]]
+
+
+def telemetry_facts(p: Payload) -> Facts:
+    """The facts of a validated telemetry payload."""
+    host = p.get("host") or HostGauges()
+    devs = p["devices"]
+    return (p["agent"], p["boot"], p["seq"], p["ts"], ts_seconds(p["ts"]),
+            tuple([_num(host.get(k)) for k in HOST_METRICS]),
+            tuple([(d["key"], _flag(d.get("present")), _flag(d.get("in_use")), _num(d.get("errors_total")),
+                    _num(d.get("resets_total")), SPEED_RANK.get(d.get("speed") or "")) for d in devs]),
+            frozenset([d["key"] for d in devs if d.get("present") is True]))
+
+
+def _checked(item: Inbound, prefix: str | None) -> Message:
+    """A message a receiver process validated: parsed again (orjson), not checked again."""
+    return Message(parse_topic(item.topic, prefix), orjson.loads(item.payload))
+
+
+_RAW = "\0raw"  # in a batch's agent update: the payload of its last plain telemetry, read at the end
 
 
 class _OffsetWindow:
@@ -180,21 +214,46 @@ class Ingestor:
     def _ingest(self, items: list[Inbound]) -> _Batch:
         b = _Batch()
         with self.store.tx() as db:
+            good: list[tuple[Inbound, Message | None]] = []
+            keys: list[tuple[str, str, int]] = []
             for item in items:
                 b.received += 1
+                f = item.facts
+                if f is not None:  # checked telemetry, read by its receiver
+                    good.append((item, None))
+                    keys.append((f[0], f[1], f[2]))
+                    continue
                 try:
-                    msg = decode_message(item.topic, item.payload, self.prefix)
+                    if item.refused is not None:
+                        raise ProtocolError(*item.refused)
+                    msg = _checked(item, self.prefix) if item.checked else decode_message(item.topic, item.payload,
+                                                                                            self.prefix)
                     if item.from_broker and is_dashboard_boot(msg.boot):
                         raise ProtocolError("bad_boot", "dashboard reports are made by the collector, never sent "
                                                         "over MQTT")
                 except ProtocolError as exc:
                     self._reject(db, b, item, exc)
                     continue
+                good.append((item, msg))
+                keys.append((msg.agent, msg.boot, WILL_SEQ if msg.seq is None else msg.seq))
+            # deduplication for the whole batch at once (a will is its boot's seq -1)
+            new = self.store.mark_seen_many(db, keys)
+            for (item, m), first in zip(good, new, strict=True):
+                if not first:
+                    b.duplicates += 1
+                    continue
+                f = item.facts
+                if m is None and f is not None:
+                    last, events_since = self._tele_state(b, f[0])
+                    if not f[7] or (f[7] == last and not events_since):
+                        self._plain(db, b, item, f)  # telemetry that is no evidence: rows and bookkeeping only
+                        continue
+                msg = m if m is not None else _checked(item, self.prefix)  # (a device seen again: evidence)
                 undo = b.mark(msg.agent)
                 seen_again = self._seen_again(b, msg) if msg.kind == "telemetry" else None
                 plain = msg.kind == "telemetry" and seen_again is None
                 try:
-                    if plain:  # one statement (the dedup row) and samples written with the batch
+                    if plain:  # samples written with the batch: nothing of it in the database yet
                         self._apply(db, b, item, msg, seen_again)
                     else:
                         with self.store.savepoint(db):
@@ -203,8 +262,7 @@ class Ingestor:
                     if store_failure(exc):
                         raise
                     b.undo(msg.agent, undo)
-                    if plain and msg.seq is not None:
-                        self.store.unmark_seen(db, msg.agent, msg.boot, msg.seq)
+                    self.store.unmark_seen(db, msg.agent, msg.boot, WILL_SEQ if msg.seq is None else msg.seq)
                     log.exception("message on %s broke ingest; dead-lettered", item.topic[:120])
                     self._reject(db, b, item, ProtocolError("ingest_failed", f"{type(exc).__name__}: {exc}"))
             self.store.add_samples(db, b.host_rows, b.device_rows)
@@ -223,11 +281,8 @@ class Ingestor:
 
     def _apply(self, db: sqlite3.Connection, b: _Batch, item: Inbound, msg: Message,
                seen_again: frozenset[str] | None = None) -> None:
-        """Store one message (its changes to ``b`` are undone by the caller if this raises)."""
-        seq = WILL_SEQ if msg.seq is None else msg.seq
-        if not self.store.mark_seen(db, msg.agent, msg.boot, seq):
-            b.duplicates += 1
-            return
+        """Store one message seen for the first time (its changes to ``b`` are undone by the caller if this
+        raises)."""
         dashboard = is_dashboard_boot(msg.boot)
         clock = b.clocks.get(msg.agent)
         if clock is None and msg.agent in self.clocks.t:
@@ -262,6 +317,38 @@ class Ingestor:
                     upd["labels"] = dumps(self._trusted_labels(db, msg.agent, p["labels"]))
             elif msg.kind == "inventory":
                 upd["inventory"] = dumps(msg.payload["devices"])
+        b.stored += 1
+
+    def _plain(self, db: sqlite3.Connection, b: _Batch, item: Inbound, f: Facts) -> None:
+        """Telemetry that is no evidence, from its facts: what ``_apply`` and ``_telemetry`` do for it."""
+        agent, boot, _, stamp, t, host_values, devices, _ = f
+        rx = item.received_at
+        clock = b.clocks.get(agent)
+        if clock is None and agent in self.clocks.t:
+            clock = (self.clocks.t[agent], self.clocks.ts[agent])
+        if clock is None or t > clock[0]:
+            b.clocks[agent] = (t, stamp)
+        ident = (agent, boot)
+        if t > b.boot_ts.get(ident, float("-inf")):
+            b.boot_ts[ident] = t
+        b.offsets.append((agent, rx, rx - t))
+        b.lag = max(0.0, rx - t)
+        upd = b.agents.get(agent)
+        if upd is None:
+            upd = b.agents[agent] = {}
+        if upd.get("last_seen") is None or stamp > upd["last_seen"]:
+            upd["last_seen"] = stamp
+        b.host_rows.append((t, agent, *host_values, rx))
+        b.device_rows.extend([(t, agent, *d, rx) for d in devices])
+        upd.pop("host", None)
+        upd.pop("devices", None)
+        upd[_RAW] = item.payload  # its host and devices are read once per batch, for the last one only
+        if self.timeseries is not None:
+            rows = [(t, agent, "_host", k, v) for k, v in zip(HOST_METRICS, host_values, strict=True)
+                    if v is not None]
+            rows += [(t, agent, d[0], k, float(v)) for d in devices
+                     for k, v in zip(DEVICE_METRICS, d[1:], strict=True) if v is not None]
+            self.timeseries.add(agent, rows, *self._labels(db, agent))
         b.stored += 1
 
     def _tele_state(self, batch: _Batch, agent: str) -> tuple[frozenset[str], bool]:
@@ -309,6 +396,11 @@ class Ingestor:
                        "value = excluded.value", (int(b.lag * 1000),))
 
     def _update_agent(self, db: sqlite3.Connection, agent: str, upd: dict[str, Any], b: _Batch) -> None:
+        raw = upd.pop(_RAW, None)
+        if raw is not None:  # the batch's last telemetry of this agent, read by a receiver: its host and devices
+            p = orjson.loads(raw)
+            upd["host"] = p.get("host") or HostGauges()
+            upd["devices"] = p["devices"]
         db.execute("INSERT OR IGNORE INTO agents (agent) VALUES (?)", (agent,))
         last = upd.pop("last_seen", None)
         clock = b.clocks.get(agent)
@@ -375,6 +467,7 @@ class Ingestor:
         b.device_rows.extend((t, msg.agent, key, *values, received_at) for key, values in devices)
         upd["host"] = host  # serialised once per batch, in _update_agent
         upd["devices"] = p["devices"]
+        upd.pop(_RAW, None)
         if self.timeseries is not None:
             rows = [(t, msg.agent, "_host", k, v) for k, v in zip(HOST_METRICS, host_values, strict=True)
                     if v is not None]

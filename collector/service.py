@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 from typing import Any
@@ -56,12 +54,16 @@ class Service:
 
             self.fleet_watch = FleetWatch(self.store, self.notifier, fleet_settings(cfg))
         self.cfg = cfg
-        self.workers: list[subprocess.Popen[bytes]] = []
-        self.subscriber = None
-        if int(cfg.ingest_workers) == 1:
-            self.subscriber = Subscriber(self.collector, parse_broker(cfg.broker), cfg.client_id, cfg.prefix,
-                                         cfg.share_group, cfg.username, cfg.password, cfg.ca_file,
-                                         mqtt_version=cfg.mqtt_version)
+        # receiving: receiver processes feeding this process's single writer, or this process alone
+        self.ingest: Any
+        if int(cfg.receivers) > 0:
+            from collector.writer import Writer
+
+            self.ingest = Writer(self.collector, cfg, int(cfg.receivers))
+        else:
+            self.ingest = Subscriber(self.collector, parse_broker(cfg.broker), cfg.client_id, cfg.prefix,
+                                     cfg.share_group, cfg.username, cfg.password, cfg.ca_file,
+                                     mqtt_version=cfg.mqtt_version)
         host, port = cfg.http_host_port
         from collector import enroll
 
@@ -78,16 +80,7 @@ class Service:
         if self.shared:
             self._lead_once()  # the first collector classifies from its start
             threading.Thread(target=self._lead, daemon=True).start()
-        if self.subscriber is not None:
-            self.subscriber.start()
-        else:
-            for i in range(int(self.cfg.ingest_workers)):
-                args = [sys.executable, "-m", "collector.worker", "--index", str(i)]
-                if self.config_path:
-                    args += ["--config", self.config_path]
-                self.workers.append(subprocess.Popen(args))
-            if not self.shared:
-                threading.Thread(target=self._follow, daemon=True).start()
+        self.ingest.start()
         threading.Thread(target=self._maintain, daemon=True).start()
 
     config_path: str | None = None
@@ -95,13 +88,8 @@ class Service:
 
     def health(self) -> list[str]:
         """Why the collector is not doing its job now, in words; empty when healthy (``/healthz``)."""
-        reasons: list[str] = []
-        if self.subscriber is not None:
-            reasons += self.subscriber.health()
-        else:
-            reasons += [f"ingest worker {i} exited ({w.returncode})" for i, w in enumerate(self.workers)
-                        if w.poll() is not None]
-        if self.subscriber is None or not any("storing the last batch failed" in r for r in reasons):
+        reasons: list[str] = list(self.ingest.health())
+        if not any("storing the last batch failed" in r for r in reasons):
             reasons += self.collector.health()
         ts = self.collector.timeseries
         if ts is not None and ts.buffer_depth() > self.TIMESERIES_BUFFER_MAX:
@@ -135,13 +123,6 @@ class Service:
             except Exception:
                 logging.getLogger(__name__).exception("leading failed; tried again")
 
-    def _follow(self) -> None:
-        while not self._stop.wait(0.5):
-            try:
-                self.collector.follow()
-            except Exception:
-                logging.getLogger(__name__).exception("following the workers failed")
-
     def _maintain(self) -> None:
         from collector import leases
 
@@ -165,16 +146,7 @@ class Service:
         self._stop.set()
         if self.notifier is not None:
             self.notifier.stop()
-        if self.subscriber is not None:
-            self.subscriber.stop()
-        for w in self.workers:
-            w.terminate()
-        for w in self.workers:
-            try:
-                w.wait(15)
-            except subprocess.TimeoutExpired:
-                w.kill()
-                w.wait()
+        self.ingest.stop()
         self.web.stop()
         if self.collector.timeseries is not None:
             self.collector.timeseries.close()

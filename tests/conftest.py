@@ -97,19 +97,21 @@ class Postgres:
         bindir = found[-1].parent
         self.dir = Path(tempfile.mkdtemp(prefix="pantau-pg-"))
         self.port = free_port()
-        prefix: list[str] = []
+        # the server refuses to run as root: then it runs as user postgres (the package's), itself the child
+        # process, so a signal to stop it reaches it
+        as_user: dict[str, Any] = {}
         if os.geteuid() == 0:
             os.chmod(self.dir, 0o755)
             shutil.chown(self.dir, "postgres", "postgres")
-            prefix = ["runuser", "-u", "postgres", "--"]
+            as_user = {"user": "postgres", "group": "postgres", "extra_groups": []}
         data = self.dir / "data"
-        subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "pantau", "--auth=trust",
-                        "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
+        subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "pantau", "--auth=trust",
+                        "-E", "UTF8", "--no-sync"], check=True, capture_output=True, **as_user)
         self.log = open(self.dir / "postgres.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [*prefix, str(bindir / "postgres"), "-D", str(data), "-p", str(self.port), "-k", str(self.dir),
+            [str(bindir / "postgres"), "-D", str(data), "-p", str(self.port), "-k", str(self.dir),
              "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"],
-            stdout=self.log, stderr=self.log)
+            stdout=self.log, stderr=self.log, **as_user)
         from collector.store.postgres import wait_ready
 
         wait_ready(self.dsn("postgres"))

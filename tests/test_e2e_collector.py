@@ -129,30 +129,56 @@ def test_forged_oversized_malformed_and_duplicate_messages(tmp_path: Path, mosqu
         collector.term()
 
 
-def test_worker_processes_share_the_stream_and_incidents_still_open(tmp_path: Path, mosquitto: Mosquitto) -> None:
+def telemetry(seq: int, agent: str) -> bytes:
+    body = json.loads(usage_event(seq, agent=agent))
+    body.pop("type"), body.pop("device"), body.pop("context")
+    body.update(kind="telemetry", host={"cpu_pct": 3.5}, devices=[{"key": "046d:0843:A1", "present": True}])
+    return json.dumps(body).encode()
+
+
+def test_receiver_processes_share_the_stream_and_a_killed_one_loses_nothing(tmp_path: Path,
+                                                                             mosquitto: Mosquitto) -> None:
+    """The default: two receiver processes feeding one writer. Telemetry is split between them, evidence
+    channels go to receiver 0; one killed -9 mid-stream is started again and every message is stored once."""
+    import psutil
+
     db = tmp_path / "collector.sqlite"
-    collector, http = start_collector(tmp_path, mosquitto.url, PANTAU_INGEST_WORKERS="2")
+    collector, http = start_collector(tmp_path, mosquitto.url)
     try:
-        wait_until(lambda: collector.log().count("subscribed") == 2, 30, what="two workers subscribed")
-        assert "$share/pantau-ingest/" in collector.log()
+        wait_until(lambda: collector.log().count("subscribed") == 2, 30, what="two receivers subscribed")
+        log = collector.log()
+        assert "receiver0" in log and "receiver1" in log
+        assert "$share/pantau-ingest/pantau/v1/agents/+/telemetry" in log
         pub = publisher(mosquitto.port)
         infos = []
-        for a in range(10):
-            for seq in range(1, 51):
-                infos.append(pub.publish(f"pantau/v1/agents/load-{a}/events",
-                                         usage_event(seq, agent=f"load-{a}"), qos=1))
-        err = json.loads(usage_event(51, agent="load-0"))
+        for seq in range(1, 101):
+            for a in range(10):
+                if seq <= 50:
+                    infos.append(pub.publish(f"pantau/v1/agents/load-{a}/events",
+                                             usage_event(seq, agent=f"load-{a}"), qos=1))
+                else:
+                    infos.append(pub.publish(f"pantau/v1/agents/load-{a}/telemetry",
+                                             telemetry(seq, f"load-{a}"), qos=1))
+            if seq == 60:
+                kids = [p for p in psutil.Process(collector.p.pid).children()
+                        if "spawn_main" in " ".join(p.cmdline())]
+                assert len(kids) >= 2
+                kids[-1].kill()  # a receiver, mid-stream
+        err = json.loads(usage_event(101, agent="load-0"))
         err.update(type="device.error", error={"code": "video.stream_error", "source": "kernel", "errno": -71,
                                                "problem_code": None, "message": "x", "count": 1})
         infos.append(pub.publish("pantau/v1/agents/load-0/events", json.dumps(err).encode(), qos=1))
         for info in infos:
             info.wait_for_publish(20)
-        wait_until(lambda: db_rows(db, "SELECT count(*) FROM evidence")[0][0] == 501, 60, what="501 events")
-        workers = {line.split()[3] for line in collector.log().splitlines() if "subscribed to" in line}
-        assert workers == {"worker0", "worker1"}
+        wait_until(lambda: "starting it again" in collector.log(), 20, what="the killed receiver restarted")
+        wait_until(lambda: db_rows(db, "SELECT count(*) FROM seen")[0][0] == 1001, 60, what="1001 messages")
+        time.sleep(1.0)
+        assert db_rows(db, "SELECT count(*) FROM seen")[0][0] == 1001
+        assert db_rows(db, "SELECT count(*) FROM host_samples")[0][0] == 500  # each telemetry once
+        assert db_rows(db, "SELECT count(*) FROM evidence WHERE kind = 'event'")[0][0] == 501
         inc = wait_until(lambda: db_rows(db, "SELECT agent, rule FROM incidents"), 20, what="the incident")
         assert inc == [("load-0", "D2")]
-        assert metrics(http)["pantau_messages_stored_total"] == 501
+        assert metrics(http)["pantau_messages_stored_total"] == 1001
         pub.loop_stop()
         pub.disconnect()
     finally:

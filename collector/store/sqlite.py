@@ -220,8 +220,8 @@ class SqliteStore:
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
     # ------------------------------------------------------------------ ingest side
-    def mark_seen(self, db: sqlite3.Connection, agent: str, boot: str, seq: int) -> bool:
-        """True the first time ``(agent, boot, seq)`` is seen (keyed by a small integer per boot)."""
+    def _boot_id(self, db: sqlite3.Connection, agent: str, boot: str) -> int:
+        """The small integer that stands for ``(agent, boot)`` in the dedup table."""
         ident = (agent, boot)
         bid = self._boot_ids.get(ident) or self._pending_ids.get(ident)
         if bid is None:
@@ -230,13 +230,30 @@ class SqliteStore:
             if len(self._boot_ids) > 100_000:
                 self._boot_ids.clear()
             self._pending_ids[ident] = bid
-        return db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (bid, seq)).rowcount == 1
+        return bid
+
+    def mark_seen(self, db: sqlite3.Connection, agent: str, boot: str, seq: int) -> bool:
+        """True the first time ``(agent, boot, seq)`` is seen (keyed by a small integer per boot)."""
+        row = (self._boot_id(db, agent, boot), seq)
+        return db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", row).rowcount == 1
+
+    def mark_seen_many(self, db: sqlite3.Connection, keys: list[tuple[str, str, int]]) -> list[bool]:
+        """``mark_seen`` for a whole batch: one statement for all of it, and one per message only when
+        the batch holds a message seen before (a redelivery), to tell which."""
+        rows = [(self._boot_id(db, a, boot), seq) for a, boot, seq in keys]
+        db.execute("SAVEPOINT dedup")
+        try:
+            db.executemany("INSERT INTO seen VALUES (?, ?)", rows)
+        except sqlite3.IntegrityError:
+            db.execute("ROLLBACK TO dedup")
+            db.execute("RELEASE dedup")
+            return [db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", r).rowcount == 1 for r in rows]
+        db.execute("RELEASE dedup")
+        return [True] * len(rows)
 
     def unmark_seen(self, db: sqlite3.Connection, agent: str, boot: str, seq: int) -> None:
         """Undo ``mark_seen`` for a message that could not be stored after all."""
-        bid = self._boot_ids.get((agent, boot)) or self._pending_ids.get((agent, boot))
-        if bid is not None:
-            db.execute("DELETE FROM seen WHERE boot_id = ? AND seq = ?", (bid, seq))
+        db.execute("DELETE FROM seen WHERE boot_id = ? AND seq = ?", (self._boot_id(db, agent, boot), seq))
 
     @staticmethod
     def add_samples(db: sqlite3.Connection, host: list[tuple[Any, ...]], devices: list[tuple[Any, ...]]) -> None:
