@@ -118,9 +118,10 @@ def run(kind: str, collectors: int, n: int, files: dict[tuple[str, str], Path], 
         logs.append(log)
         colls.append(subprocess.Popen([sys.executable, "-m", "collector.cli", "serve"], cwd=ROOT, env=env,
                                       stdout=subprocess.DEVNULL, stderr=open(log, "wb")))  # noqa: SIM115
-    want = max(1, receivers if receivers is not None else 2)
+    want = max(0, (receivers if receivers is not None else 2) - 1)  # receiver 0 subscribes, the others join
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not all(lg.read_text().count("subscribed") >= want for lg in logs):
+    while time.monotonic() < deadline and not all("subscribed" in lg.read_text() and lg.read_text().count(
+            "joined") >= want for lg in logs):
         time.sleep(0.1)
     sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "pantau/v1/#",
                             "-q", "1", "-C", str(n)], stdout=subprocess.DEVNULL)

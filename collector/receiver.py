@@ -39,9 +39,52 @@ def receiver_version(configured: str) -> str:
     return "5" if configured == "5" else "3.1.1"
 
 
-class Receiver:
-    def __init__(self, cfg: Any, index: int, conn: Connection) -> None:
+class _Pipe:
+    """The process's pipe to the writer, shared by its receivers: one sender at a time, batch ids unique in
+    the process, and one reader handing each commit to the receiver that sent the batch."""
+
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        self.lock = threading.Lock()
+        self.next_id = 0
+        self.owners: dict[int, Receiver] = {}
+        self.closed = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def send(self, owner: Receiver | None, items: list[Any]) -> int:
+        with self.lock:
+            self.next_id += 1
+            if owner is not None:
+                self.owners[self.next_id] = owner
+            self.conn.send_bytes(pickle.dumps((self.next_id, items), protocol=pickle.HIGHEST_PROTOCOL))
+            return self.next_id
+
+    def status(self, body: dict[str, Any]) -> None:
+        with self.lock:
+            self.conn.send_bytes(pickle.dumps(("status", body)))
+
+    def _read(self) -> None:
+        while True:
+            try:
+                batch_id = self.conn.recv()
+            except (EOFError, OSError):
+                self.closed.set()  # the writer is gone: what is unacknowledged comes back on the next session
+                for r in list(self.owners.values()):
+                    r._stop.set()
+                return
+            with self.lock:
+                owner = self.owners.pop(batch_id, None)
+            if owner is not None:
+                owner._committed(batch_id)
+
+
+class Receiver:
+    def __init__(self, cfg: Any, index: int, pipe: _Pipe, drain: str | None = None) -> None:
+        """``drain``: instead of receiving, empty the session of client id ``<client_id>-<drain>`` that an
+        earlier configuration left (more receivers then, or worker processes) and end it."""
+        self.pipe = pipe
+        self.index = index
+        self.drain = drain
         self.prefix = cfg.prefix
         broker = parse_broker(cfg.broker)
         user = cfg.username or broker.username
@@ -56,30 +99,43 @@ class Receiver:
         self.topics = [f"$share/{group}/{base}telemetry"]
         if index == 0:
             self.topics += [base + ch for ch in sorted(KIND_OF_CHANNEL) if ch != "telemetry"]
+        suffix = drain or f"r{index}"
+        if drain:
+            self.topics = []  # the session's subscriptions are the broker's
+        self.last_message = time.monotonic()
         self._lock = threading.Lock()
         self._items: list[tuple[str, bytes, float, tuple[str, str] | None, Facts | None]] = []
         self._acks: list[tuple[int, int, int]] = []
         self._first = 0.0
-        self._next_id = 0
         self._inflight: dict[int, list[tuple[int, int, int]]] = {}
         self._unacked = 0
         self._stop = threading.Event()
         # each receiver is its own broker account (<username>-r<index>, same password): the shipped broker
         # ties the client id to the account, so receivers sharing one would take each other's connection
         self.mqtt = Connector(
-            MqttOptions(broker=broker, client_id=f"{cfg.client_id}-r{index}",
-                        username=f"{user}-r{index}" if user else None, password=cfg.password or broker.password,
-                        ca_file=cfg.ca_file, version=receiver_version(cfg.mqtt_version), persistent=True,
-                        manual_ack=True,
+            MqttOptions(broker=broker, client_id=f"{cfg.client_id}-{suffix}",
+                        username=f"{user}-{suffix}" if user else None, password=cfg.password or broker.password,
+                        ca_file=cfg.ca_file, version="5" if drain else receiver_version(cfg.mqtt_version),
+                        persistent=True, session_expiry_s=0 if drain else 7 * 24 * 3600, manual_ack=True,
                         reconnect_max_s=30.0),
             Handlers(on_connect=self._on_connect, on_disconnect=self._on_disconnect, on_message=self._on_message,
                      may_read=self._may_read))
 
     def _on_connect(self, session_present: bool) -> None:
+        if self.drain:  # resumed with expiry 0: what it holds is delivered now, and the session ends after
+            if session_present:
+                log.warning("draining the broker session of %s, left by an earlier configuration (it would take "
+                            "a share of the stream that nobody stores)", self.mqtt.opts.client_id)
+                self.drained = True
+            else:
+                self._stop.set()
+            return
         for topic in self.topics:
             self.mqtt.subscribe(topic, qos=1)
-        log.info("subscribed to %s on %s:%s (MQTT %s, session %s)", ", ".join(self.topics), self.mqtt.opts.broker.host,
-                 self.mqtt.opts.broker.port, self.mqtt.protocol_name, "resumed" if session_present else "new")
+        # "subscribed" only once every channel has a receiver (receiver 0's): what waits for it may publish
+        log.info("%s %s on %s:%s (MQTT %s, session %s)", "subscribed to" if self.index == 0 else "joined",
+                 ", ".join(self.topics), self.mqtt.opts.broker.host, self.mqtt.opts.broker.port,
+                 self.mqtt.protocol_name, "resumed" if session_present else "new")
         self._status()
 
     def _on_disconnect(self, reason: str) -> None:
@@ -89,18 +145,21 @@ class Receiver:
 
     def _status(self) -> None:
         """Tell the writer how the connection stands (its health names a broker that is away)."""
+        if self.drain:
+            return
         with self._lock:
-            self.conn.send_bytes(pickle.dumps(("status", {
+            self.pipe.status({
                 "connected": self.mqtt.connected.is_set(), "down_since_s": (
                     None if self.mqtt.down_since is None else time.monotonic() - self.mqtt.down_since),
                 "last_error": self.mqtt.last_error, "protocol": self.mqtt.protocol_name,
-                "taken_over": self.mqtt.taken_over})))
+                "taken_over": self.mqtt.taken_over})
 
     def _may_read(self) -> bool:
         return not self._stop.is_set() and self._unacked < MAX_UNACKED
 
     def _on_message(self, msg: Any, generation: int) -> None:
         rx = time.time()
+        self.last_message = time.monotonic()
         topic, payload = msg.topic, bytes(msg.payload)
         why: tuple[str, str] | None = None
         facts: Facts | None = None
@@ -124,12 +183,10 @@ class Receiver:
         """Hand the batch in hand to the writer (under ``_lock``)."""
         if not self._items:
             return
-        self._next_id += 1
-        self._inflight[self._next_id] = self._acks
+        batch_id = self.pipe.send(self, self._items)
+        self._inflight[batch_id] = self._acks
         self._unacked += len(self._acks)
-        data = pickle.dumps((self._next_id, self._items), protocol=pickle.HIGHEST_PROTOCOL)
         self._items, self._acks = [], []
-        self.conn.send_bytes(data)
 
     def _linger(self) -> None:
         last_status = time.monotonic()
@@ -141,32 +198,57 @@ class Receiver:
                 last_status = time.monotonic()
                 self._status()
 
-    def _committed(self) -> None:
-        """Acknowledge each batch the writer committed."""
-        while True:
-            try:
-                batch_id = self.conn.recv()
-            except (EOFError, OSError):
-                self._stop.set()  # the writer is gone: what is unacknowledged comes back on the next session
-                return
-            with self._lock:
-                acks = self._inflight.pop(batch_id, [])
-                self._unacked -= len(acks)
-            for mid, qos, generation in acks:
-                self.mqtt.ack(mid, qos, generation)
+    def _committed(self, batch_id: int) -> None:
+        """The writer committed this batch: acknowledge its messages to the broker."""
+        with self._lock:
+            acks = self._inflight.pop(batch_id, [])
+            self._unacked -= len(acks)
+        for mid, qos, generation in acks:
+            self.mqtt.ack(mid, qos, generation)
 
     def run(self) -> None:
         threading.Thread(target=self._linger, daemon=True).start()
-        threading.Thread(target=self._committed, daemon=True).start()
         self.mqtt.start()
-        self._stop.wait()
+        if self.drain:
+            self._run_drain()
+        else:
+            self._stop.wait()
         self.mqtt.stop()
+
+    drained = False
+
+    def _run_drain(self) -> None:
+        """Until what the session held is stored and acknowledged (or there was no session to drain)."""
+        started = time.monotonic()
+        while not self._stop.wait(0.2):
+            now = time.monotonic()
+            if not self.mqtt.ever_connected and (self.mqtt.last_error or now - started > 10):
+                return  # no such account (refused), or no broker: nothing this collector could drain
+            with self._lock:
+                idle = not self._items and not self._unacked
+            if self.mqtt.connected.is_set() and idle and now - self.last_message > 1.5:
+                return
 
 
 def main(config: Any, index: int, conn: Connection) -> None:
     """Entry point of a receiver process (started by ``collector.writer.Writer``)."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s receiver{index} %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the collector stops its receivers itself (SIGTERM)
-    r = Receiver(config, index, conn)
+    r = Receiver(config, index, _Pipe(conn))
     signal.signal(signal.SIGTERM, lambda *_: r._stop.set())
     r.run()
+
+
+def drain_main(config: Any, suffixes: list[str], conn: Connection) -> None:
+    """Entry point of the process that drains sessions an earlier configuration left (``Receiver`` drain)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s drain %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pipe = _Pipe(conn)
+    for noisy in ("common.mqtt",):  # an id without an account is refused: expected here, not a warning
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    drains = [Receiver(config, -1, pipe, drain=s) for s in suffixes]
+    threads = [threading.Thread(target=d.run, daemon=True) for d in drains]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

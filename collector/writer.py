@@ -27,6 +27,8 @@ from common.config import parse_broker
 log = logging.getLogger(__name__)
 
 COMMIT_EVERY = 2000  # messages per transaction, at most
+LEFTOVER = 8  # sessions of receivers (and of the worker processes of earlier releases) an earlier configuration
+# may have left, looked for at start: a member of the group that nobody reads would keep taking its share
 RESTART_DELAY_S = 1.0
 
 
@@ -38,8 +40,8 @@ class Writer:
         self.stalled_s = stalled_s
         self.q: queue.Queue[tuple[int, int, list[Any], float]] = queue.Queue()
         self._ctx = multiprocessing.get_context("spawn")
-        self.procs: list[Any] = [None] * receivers
-        self.conns: list[Connection | None] = [None] * receivers
+        self.procs: list[Any] = [None] * (receivers + 1)  # the receivers, and the drain of leftover sessions
+        self.conns: list[Connection | None] = [None] * (receivers + 1)
         self._send_lock = threading.Lock()
         self._stop = threading.Event()
         self._closing = False
@@ -59,9 +61,15 @@ class Writer:
         from collector import receiver
 
         ours, theirs = self._ctx.Pipe(duplex=True)
-        p = self._ctx.Process(target=receiver.main, args=(self.cfg, i, theirs), name=f"pantau-receiver-{i}",
-                              daemon=True)
+        if i < self.n:
+            p = self._ctx.Process(target=receiver.main, args=(self.cfg, i, theirs), name=f"pantau-receiver-{i}",
+                                  daemon=True)
+        else:  # the sessions an earlier configuration left: emptied into the store, then ended
+            left = [f"r{k}" for k in range(self.n, self.n + LEFTOVER)] + [f"w{k}" for k in range(LEFTOVER)]
+            p = self._ctx.Process(target=receiver.drain_main, args=(self.cfg, left, theirs), name="pantau-drain",
+                                  daemon=True)
         p.start()
+        log.info("%s started (pid %s)", f"receiver {i}" if i < self.n else "drain of leftover sessions", p.pid)
         theirs.close()
         self.procs[i], self.conns[i] = p, ours
         threading.Thread(target=self._read, args=(i, ours), name=f"pantau-writer-read-{i}", daemon=True).start()
@@ -77,6 +85,8 @@ class Writer:
                 self.status[i] = (body, time.monotonic())
                 continue
             self.q.put((i, head, body, time.monotonic()))
+        if i >= self.n:
+            return  # the drain ends when it is done
         if not self._closing:
             log.warning("receiver %d exited (%s); starting it again", i, self.procs[i].exitcode)
             time.sleep(RESTART_DELAY_S)
@@ -158,7 +168,7 @@ class Writer:
             out.append(f"{self.q.qsize()} receiver batches waiting, no batch committed for {now - last:.0f} s")
         if self.last_batch_error is not None:
             out.append(f"storing the last batch failed: {self.last_batch_error}")
-        out += [f"receiver {i} is not running (exit {p.exitcode})" for i, p in enumerate(self.procs)
+        out += [f"receiver {i} is not running (exit {p.exitcode})" for i, p in enumerate(self.procs[:self.n])
                 if p is not None and not p.is_alive() and not self._closing]
         b = parse_broker(self.cfg.broker)
         broker = f"{b.host}:{b.port}"
@@ -179,7 +189,7 @@ class Writer:
     # ------------------------------------------------------------------ life
     def start(self) -> None:
         self.started_at = time.monotonic()
-        for i in range(self.n):
+        for i in range(self.n + 1):
             self._spawn(i)
         self._thread = threading.Thread(target=self._work, name="pantau-writer", daemon=True)
         self._thread.start()

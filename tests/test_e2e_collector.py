@@ -4,6 +4,7 @@ restart, and hostile input counted and survived."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 import urllib.request
@@ -145,7 +146,8 @@ def test_receiver_processes_share_the_stream_and_a_killed_one_loses_nothing(tmp_
     db = tmp_path / "collector.sqlite"
     collector, http = start_collector(tmp_path, mosquitto.url)
     try:
-        wait_until(lambda: collector.log().count("subscribed") == 2, 30, what="two receivers subscribed")
+        wait_until(lambda: "subscribed" in collector.log() and "joined" in collector.log(), 30,
+                   what="two receivers subscribed")
         log = collector.log()
         assert "receiver0" in log and "receiver1" in log
         assert "$share/pantau-ingest/pantau/v1/agents/+/telemetry" in log
@@ -160,10 +162,9 @@ def test_receiver_processes_share_the_stream_and_a_killed_one_loses_nothing(tmp_
                     infos.append(pub.publish(f"pantau/v1/agents/load-{a}/telemetry",
                                              telemetry(seq, f"load-{a}"), qos=1))
             if seq == 60:
-                kids = [p for p in psutil.Process(collector.p.pid).children()
-                        if "spawn_main" in " ".join(p.cmdline())]
-                assert len(kids) >= 2
-                kids[-1].kill()  # a receiver, mid-stream
+                pid = re.search(r"receiver 1 started \(pid (\d+)\)", collector.log())
+                assert pid is not None
+                psutil.Process(int(pid.group(1))).kill()  # a receiver, mid-stream
         err = json.loads(usage_event(101, agent="load-0"))
         err.update(type="device.error", error={"code": "video.stream_error", "source": "kernel", "errno": -71,
                                                "problem_code": None, "message": "x", "count": 1})
@@ -213,3 +214,31 @@ def test_a_batch_that_cannot_be_stored_is_retried_not_dropped(tmp_path: Path, mo
     finally:
         blocker.close()
         sub.stop()
+
+
+def test_fewer_receivers_than_before_drain_and_end_the_sessions_left(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Receivers 2 -> 1: the second receiver's session, still a member of the shared group, would keep taking
+    half of the telemetry that nobody stores. At start the collector empties it into the store and ends it."""
+    db = tmp_path / "collector.sqlite"
+    collector, _ = start_collector(tmp_path, mosquitto.url)
+    wait_until(lambda: "subscribed" in collector.log() and "joined" in collector.log(), 30, what="two receivers")
+    collector.term()
+    pub = publisher(mosquitto.port)
+    for seq in range(1, 201):  # while no collector runs: queued in both receivers' sessions
+        pub.publish("pantau/v1/agents/load-1/telemetry", telemetry(seq, "load-1"), qos=1).wait_for_publish(10)
+    collector, _ = start_collector(tmp_path, mosquitto.url, PANTAU_RECEIVERS="1")
+    try:
+        wait_until(lambda: "draining the broker session of pantau-collector-r1" in collector.log(), 30,
+                   what="the leftover session drained")
+        wait_until(lambda: db_rows(db, "SELECT count(*) FROM host_samples")[0][0] == 200, 30,
+                   what="what both sessions held")
+        time.sleep(2.0)  # the drain ends the session once it is empty
+        for seq in range(201, 401):
+            pub.publish("pantau/v1/agents/load-1/telemetry", telemetry(seq, "load-1"), qos=1).wait_for_publish(10)
+        wait_until(lambda: db_rows(db, "SELECT count(*) FROM host_samples")[0][0] == 400, 30,
+                   what="every later message, none left to the ended session")
+        assert db_rows(db, "SELECT count(*) FROM seen")[0][0] == 400
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        collector.term()
