@@ -101,6 +101,19 @@ def stored_count(db: str) -> float:
         return 0.0
 
 
+def db_bytes(db: str) -> float:
+    """The store's size on disk: the SQLite file with its WAL, or the PostgreSQL database."""
+    try:
+        if db.startswith("postgresql://"):
+            import psycopg
+
+            with psycopg.connect(db, connect_timeout=2) as conn:
+                return float(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0])
+        return float(sum(os.path.getsize(db + ext) for ext in ("", "-wal") if os.path.exists(db + ext)))
+    except Exception:
+        return 0.0
+
+
 def run(kind: str, collectors: int, n: int, files: dict[tuple[str, str], Path], events: list[Path],
         pg: Postgres | None, receivers: int | None, timeout: float) -> dict[str, Any] | None:
     tmp = Path(tempfile.mkdtemp(prefix="pantau-bench-run-"))
@@ -176,6 +189,7 @@ def run(kind: str, collectors: int, n: int, files: dict[tuple[str, str], Path], 
         time.sleep(0.1)
     for p in pubs:
         p.wait(30)
+    size = db_bytes(db)
     for c in colls:
         c.terminate()
     for c in colls:
@@ -193,7 +207,7 @@ def run(kind: str, collectors: int, n: int, files: dict[tuple[str, str], Path], 
             marks.append(f"{int(q * 100)}%: {at[0]:.0f} MB")
     return {"sub_rate": n / sub_done, "coll_rate": n / coll_done, "ratio": (n / coll_done) / (n / sub_done),
             "cpu_us": sum(split) / n * 1e6, "writer_us": split[0] / n * 1e6, "receivers_us": split[1] / n * 1e6,
-            "rss": ", ".join(marks)}
+            "rss": ", ".join(marks), "bytes_per_msg": size / n}
 
 
 def main() -> None:
@@ -242,7 +256,8 @@ def main() -> None:
                 results.append(res)
                 print(f"  {config} run {r + 1}: mosquitto_sub {res['sub_rate']:7.0f} msg/s, collector "
                       f"{res['coll_rate']:7.0f} msg/s, ratio {res['ratio']:.2f}, CPU {res['cpu_us']:.0f} us/msg "
-                      f"(writer {res['writer_us']:.0f}, receivers {res['receivers_us']:.0f}); RSS {res['rss']}")
+                      f"(writer {res['writer_us']:.0f}, receivers {res['receivers_us']:.0f}); RSS {res['rss']}; "
+                      f"store {res['bytes_per_msg']:.0f} bytes per message")
             if results:
                 med = statistics.median(r["ratio"] for r in results)
                 cpu = statistics.median(r["cpu_us"] for r in results)

@@ -123,6 +123,13 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE boots ADD COLUMN last_ts REAL;
     """,
+    # 8: every sample and roll-up has its receive time (rows from before 3 take their own time), so
+    # housekeeping reads a range of the rx indexes instead of scanning the raw tables
+    """
+    UPDATE host_samples SET rx = ts WHERE rx IS NULL;
+    UPDATE device_samples SET rx = ts WHERE rx IS NULL;
+    UPDATE rollup SET rx = bucket WHERE rx IS NULL;
+    """,
 ]
 
 log = logging.getLogger(__name__)
@@ -290,9 +297,8 @@ class SqliteStore:
                         db.execute(
                             f"""INSERT INTO rollup (res, bucket, agent, device, metric, n, sum, min, max, rx)
                                 SELECT ?, CAST(ts / ? AS INTEGER) * ?, agent, {device}, ?, count({metric}),
-                                       sum({metric}), min({metric}), max({metric}), max(coalesce(rx, ts))
-                                FROM {table} WHERE coalesce(rx, ts) >= ? AND coalesce(rx, ts) < ?
-                                  AND {metric} IS NOT NULL
+                                       sum({metric}), min({metric}), max({metric}), max(rx)
+                                FROM {table} WHERE rx >= ? AND rx < ? AND {metric} IS NOT NULL
                                 GROUP BY 2, agent, {device}
                                 ON CONFLICT (res, agent, device, metric, bucket) DO UPDATE SET
                                   n = n + excluded.n, sum = sum + excluded.sum,
@@ -302,12 +308,10 @@ class SqliteStore:
                 db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
                            (f"rollup_mark_{res}", int(hi)))
             raw = now - self.retention.raw_s
-            db.execute("DELETE FROM host_samples WHERE coalesce(rx, ts) < ?", (raw,))
-            db.execute("DELETE FROM device_samples WHERE coalesce(rx, ts) < ?", (raw,))
-            db.execute("DELETE FROM rollup WHERE res = 300 AND coalesce(rx, bucket) < ?",
-                       (now - self.retention.five_min_s,))
-            db.execute("DELETE FROM rollup WHERE res = 3600 AND coalesce(rx, bucket) < ?",
-                       (now - self.retention.hourly_s,))
+            db.execute("DELETE FROM host_samples WHERE rx < ?", (raw,))
+            db.execute("DELETE FROM device_samples WHERE rx < ?", (raw,))
+            db.execute("DELETE FROM rollup WHERE res = 300 AND rx < ?", (now - self.retention.five_min_s,))
+            db.execute("DELETE FROM rollup WHERE res = 3600 AND rx < ?", (now - self.retention.hourly_s,))
 
     def close(self) -> None:
         with self.lock:
