@@ -465,9 +465,8 @@ class PostgresStore:
                         db.execute(
                             f"""INSERT INTO rollup AS r (res, bucket, agent, device, metric, n, sum, min, max, rx)
                                 SELECT ?, (floor(ts / ?) * ?)::bigint, agent, {device}, ?, count({metric}),
-                                       sum({metric}), min({metric}), max({metric}), max(coalesce(rx, ts))
-                                FROM {table} WHERE coalesce(rx, ts) >= ? AND coalesce(rx, ts) < ?
-                                  AND {metric} IS NOT NULL
+                                       sum({metric}), min({metric}), max({metric}), max(rx)
+                                FROM {table} WHERE rx >= ? AND rx < ? AND {metric} IS NOT NULL
                                 GROUP BY 2, 3, 4
                                 ON CONFLICT (res, agent, device, metric, bucket) DO UPDATE SET
                                   n = r.n + excluded.n, sum = r.sum + excluded.sum,
@@ -477,12 +476,10 @@ class PostgresStore:
                 db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
                            (f"rollup_mark_{res}", int(hi)))
             raw = now - self.retention.raw_s
-            db.execute("DELETE FROM host_samples WHERE coalesce(rx, ts) < ?", (raw,))
-            db.execute("DELETE FROM device_samples WHERE coalesce(rx, ts) < ?", (raw,))
-            db.execute("DELETE FROM rollup WHERE res = 300 AND coalesce(rx, bucket) < ?",
-                       (now - self.retention.five_min_s,))
-            db.execute("DELETE FROM rollup WHERE res = 3600 AND coalesce(rx, bucket) < ?",
-                       (now - self.retention.hourly_s,))
+            db.execute("DELETE FROM host_samples WHERE rx < ?", (raw,))  # (every row has rx: the rx indexes)
+            db.execute("DELETE FROM device_samples WHERE rx < ?", (raw,))
+            db.execute("DELETE FROM rollup WHERE res = 300 AND rx < ?", (now - self.retention.five_min_s,))
+            db.execute("DELETE FROM rollup WHERE res = 3600 AND rx < ?", (now - self.retention.hourly_s,))
 
     def close(self) -> None:
         with self.lock:
