@@ -1,0 +1,64 @@
+"""The receivers-and-writer path (collector/receiver.py, collector/writer.py) against a real Mosquitto:
+refusals keep their exact reasons, a dashboard report cannot come over MQTT, and health names a broker
+that is away."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from collector.config import CollectorConfig
+from collector.ingest import Collector
+from collector.store.sqlite import SqliteStore
+from collector.writer import Writer
+from tests.builder import usage_event
+from tests.conftest import Mosquitto, free_port
+from tests.procs import publisher, wait_until
+
+pytestmark = pytest.mark.broker
+
+
+def test_refused_messages_keep_their_reasons_and_honest_ones_are_stored(tmp_path: Path,
+                                                                       mosquitto: Mosquitto) -> None:
+    store = SqliteStore(str(tmp_path / "c.sqlite"))
+    w = Writer(Collector(store), CollectorConfig(broker=mosquitto.url, db=str(tmp_path / "c.sqlite")), 2)
+    w.start()
+    pub = publisher(mosquitto.port)
+    try:
+        wait_until(lambda: all(st.get("connected") for st, _ in w.status.values()) and len(w.status) == 2, 20,
+                   what="both receivers connected")
+        time.sleep(0.3)
+        dash = json.loads(usage_event(1, agent="load-1"))
+        dash.update(boot="dashboard-0123456789ab", type="handling.reported", seq=1,
+                    context={"note": "x", "reported_by": "y", "via": "dashboard"})
+        bad = [b"{not json", json.dumps({**json.loads(usage_event(2)), "v": 2}).encode(), json.dumps(dash).encode()]
+        for payload in [usage_event(1), *bad, usage_event(3)]:
+            pub.publish("pantau/v1/agents/load-1/events", payload, qos=1).wait_for_publish(10)
+        wait_until(lambda: store.query("SELECT count(*) AS n FROM dead_letter")[0]["n"] == 3, 20,
+                   what="three refusals")
+        reasons = [r["reason"] for r in store.query("SELECT reason FROM dead_letter ORDER BY id")]
+        assert reasons == ["bad_json", "bad_version", "bad_boot"]
+        assert [r["seq"] for r in store.query("SELECT seq FROM evidence ORDER BY seq")] == [1, 3]
+        assert w.health() == []
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        w.stop()
+        store.close()
+
+
+def test_health_names_a_broker_the_receivers_cannot_reach(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "c.sqlite"))
+    w = Writer(Collector(store), CollectorConfig(broker=f"mqtt://127.0.0.1:{free_port()}",
+                                                 db=str(tmp_path / "c.sqlite")), 1)
+    w.unreachable_s = 1.0
+    w.start()
+    try:
+        reasons = wait_until(w.health, 20, what="a health reason")
+        assert any("receiver 0 not connected to the MQTT broker 127.0.0.1:" in r for r in reasons), reasons
+    finally:
+        w.stop()
+        store.close()
