@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from collector import audit
 from collector.dynsec import DynsecAdmin, DynsecError
-from collector.store.sqlite import SqliteStore
+from collector.store import Store
 from common.config import parse_broker
 from common.protocol import now_ts, valid_agent_id
 
@@ -154,7 +154,7 @@ def default_agent_id(store: Any, unit: str, room: str) -> str:
     return re.sub(r"[^a-z0-9._-]", "-", raw)[:64].strip("-") or "agent"
 
 
-def new_token(store: SqliteStore, unit: str, room: str, expires_s: float, by: str,
+def new_token(store: Store, unit: str, room: str, expires_s: float, by: str,
               agent_id: str | None = None) -> dict[str, Any]:
     """A single-use token for ``room`` of ``unit``; the token itself is in the answer only."""
     if not 60 <= expires_s <= MAX_EXPIRY_S:
@@ -185,13 +185,13 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _refuse(store: SqliteStore, remote: str, why: str, detail: dict[str, Any]) -> EnrollError:
+def _refuse(store: Store, remote: str, why: str, detail: dict[str, Any]) -> EnrollError:
     with store.tx() as db:
         audit.append(db, now_ts(), f"enroll:{remote}", None, "enroll.refused", {"reason": why, **detail})
     return EnrollError(why)
 
 
-def redeem(store: SqliteStore, settings: EnrollSettings, token: str, remote: str) -> dict[str, Any]:
+def redeem(store: Store, settings: EnrollSettings, token: str, remote: str) -> dict[str, Any]:
     """Spend ``token``: the agent's configuration and its new broker account. Refusals raise
     ``EnrollError`` with one line; every attempt is audited as ``enroll:<remote address>``."""
     token = (token or "").strip()
@@ -238,7 +238,7 @@ def redeem(store: SqliteStore, settings: EnrollSettings, token: str, remote: str
             "username": agent, "password": password, "ca": ca, "prefix": settings.prefix}
 
 
-def disable_agent(store: SqliteStore, settings: EnrollSettings | None, agent: str, by: str,
+def disable_agent(store: Store, settings: EnrollSettings | None, agent: str, by: str,
                   reason: str = "", detail: dict[str, Any] | None = None) -> dict[str, Any]:
     """Disable an agent's broker account now (the broker drops its connection); audited (with
     ``detail`` added to the audit entry)."""
@@ -262,7 +262,7 @@ def disable_agent(store: SqliteStore, settings: EnrollSettings | None, agent: st
     return {"agent": agent, "disabled_at": at, "broker_account": on_broker}
 
 
-def enable_agent(store: SqliteStore, settings: EnrollSettings | None, agent: str, by: str, reason: str = "",
+def enable_agent(store: Store, settings: EnrollSettings | None, agent: str, by: str, reason: str = "",
                  detail: dict[str, Any] | None = None) -> dict[str, Any]:
     """Enable a disabled agent's broker account again, its password unchanged (the room PC's agent,
     still configured, connects again); audited. A new enrollment does this with a new password."""

@@ -23,7 +23,7 @@ from typing import Any
 from collector.fleet import FleetSettings, agent_flags
 from collector.notify import STATUS_ID, Message, Notifier, header_safe
 from collector.registry import lookup
-from collector.store.sqlite import SqliteStore
+from collector.store import Store
 from common.protocol import format_epoch
 
 SOURCE = "fleet"
@@ -49,7 +49,7 @@ def clock_suspect(a: dict[str, Any], s: FleetSettings) -> bool:
 class FleetWatch:
     """Announces room PCs offline too long in working hours and clocks off, through ``notifier``."""
 
-    def __init__(self, store: SqliteStore, notifier: Notifier, settings: FleetSettings | None = None) -> None:
+    def __init__(self, store: Store, notifier: Notifier, settings: FleetSettings | None = None) -> None:
         self.store, self.notifier = store, notifier
         self.s = settings or FleetSettings()
         self._pending: dict[str, tuple[str, float]] = {}  # key -> (status wanted, since when, monotonic)

@@ -15,7 +15,8 @@ from typing import Any
 from collector import audit
 from collector.classify import Incident, summary
 from collector.policy import CAUSES, RESPONSIBLE_OF_CAUSE, Windows
-from collector.store.sqlite import SqliteStore, dumps
+from collector.store import Store
+from collector.store.sqlite import dumps
 from common.protocol import ProtocolError, ts_seconds, ts_seconds_or_none
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class IncidentError(ValueError):
 
 
 class IncidentBook:
-    def __init__(self, store: SqliteStore, lang: str = "id") -> None:
+    def __init__(self, store: Store, lang: str = "id") -> None:
         self.store = store
         self.lang = lang
         self.listeners: list[Listener] = []

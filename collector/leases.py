@@ -27,7 +27,8 @@ from typing import Any
 
 from collector import audit, enroll
 from collector.registry import Queryable, RegistryError
-from collector.store.sqlite import SqliteStore, dumps
+from collector.store import Store
+from collector.store.sqlite import dumps
 from common.protocol import now_ts
 
 log = logging.getLogger(__name__)
@@ -127,15 +128,18 @@ def _store(db: Any, loan: dict[str, Any], kind: str, at: str, agent: str | None,
 
 def _last_seen_device(store: Queryable, loan: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None, str | None]:
     """(agent, device object, when) of the latest evidence carrying this device."""
-    rows = store.query("SELECT agent, payload, received_at FROM evidence WHERE device = ? OR device LIKE ? "
-                       "ORDER BY id DESC LIMIT 1", (loan["device"], f"%:%:{loan['device']}"))
+    # by key, or by serial (a key vid:pid:serial), matched exactly on both stores (LIKE would ignore case on
+    # SQLite only, and read _ and % in a serial as wildcards)
+    rows = store.query("SELECT agent, payload, received_at FROM evidence WHERE device = ? OR "
+                       "(substr(device, 10, 1) = ':' AND substr(device, 11) = ?) ORDER BY id DESC LIMIT 1",
+                       (loan["device"], loan["device"]))
     if not rows:
         return None, None, None
     dev = _loads(rows[0]["payload"], {}).get("device")
     return rows[0]["agent"], dev if isinstance(dev, dict) else None, rows[0]["received_at"]
 
 
-def sweep(store: SqliteStore, now: datetime | None = None,
+def sweep(store: Store, now: datetime | None = None,
           settings: enroll.EnrollSettings | None = None) -> dict[str, int]:
     """Take the snapshots that are due, then end or give back broker accounts (``lease_accounts``, with
     ``settings`` or the enrollment settings the service configured); returns how many snapshots of
@@ -188,7 +192,7 @@ def _back_off(waits: dict[Any, tuple[float, float]], key: Any) -> float:
     return backoff
 
 
-def lease_accounts(store: SqliteStore, settings: enroll.EnrollSettings | None,
+def lease_accounts(store: Store, settings: enroll.EnrollSettings | None,
                    now: datetime | None = None) -> dict[str, list[str]]:
     """Disable the broker account of every enrolled room PC whose room's loans have all ended or been
     returned, the last of them after the PC was enrolled (reason "lease ended"); enable it again when
@@ -252,10 +256,10 @@ def _incidents_during(store: Queryable, loan: dict[str, Any], dev: dict[str, Any
     key = dev.get("key") if dev else loan["device"]
     since = loan["lease_start"] or ""
     return store.query("SELECT id, kind, status, cause, opened_at, resolved_at FROM incidents WHERE device = ? "
-                       "AND opened_at >= ? ORDER BY opened_at", (key, since))
+                       "AND opened_at >= ? ORDER BY opened_at, id", (key, since))
 
 
-def record_return(store: SqliteStore, device: str, by: str, at: str | None = None) -> dict[str, Any]:
+def record_return(store: Store, device: str, by: str, at: str | None = None) -> dict[str, Any]:
     """The device came back: from ``at`` (now by default) it is no longer expected in its room; the
     return snapshot is taken at once. Audited."""
     at = at or now_ts()

@@ -36,7 +36,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from collector.registry import lookup
-from collector.store.sqlite import SqliteStore
+from collector.store import Store
 from common.protocol import format_epoch
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def post_json(cfg: NotifyConfig, url: str, body: bytes) -> int:
 
 
 class Notifier:
-    def __init__(self, store: SqliteStore, cfg: NotifyConfig) -> None:
+    def __init__(self, store: Store, cfg: NotifyConfig) -> None:
         self.store = store
         self.cfg = cfg
         self._inbox: queue.SimpleQueue[tuple[str, tuple[str, str], float]] = queue.SimpleQueue()

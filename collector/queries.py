@@ -24,6 +24,7 @@ MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
 
 # An incident with where it belongs, in SQL. The serial of a key vid:pid:serial starts at character 11.
+# A subquery in FROM is always given a name here: PostgreSQL before 16 requires one.
 PLACED_SQL = """
 SELECT i.id, i.agent, i.device, i.kind, i.status, i.cause, i.responsible, i.confidence, i.rule, i.policy,
        i.opened_at, i.resolved_at, i.summary, i.summaries, i.decided_cause, i.decided_responsible, i.decided_by,
@@ -141,9 +142,11 @@ class IncidentQuery:
         if self.order not in ("asc", "desc"):
             raise QueryError("order: must be asc or desc")
         way = self.order.upper()
-        if col == "opened_at":  # the index's own order (ties in insertion order): no sort of every match
-            return f"opened_at {way}"
-        return f"{col} IS NULL, {col} {way}, opened_at {way}"
+        # ties broken by id, so that pages never overlap or skip (PostgreSQL keeps no insertion order);
+        # a missing value last either way (SQLite would sort NULL first ascending, PostgreSQL last)
+        if col == "opened_at":  # the index's order: no sort of every match
+            return f"opened_at {way}, id {way}"
+        return f"{col} IS NULL, {col} {way}, opened_at {way}, id {way}"
 
 
 def incident_page(r: Queryable, q: IncidentQuery) -> tuple[list[dict[str, Any]], int]:
@@ -153,10 +156,10 @@ def incident_page(r: Queryable, q: IncidentQuery) -> tuple[list[dict[str, Any]],
     if q.offset < 0:
         raise QueryError("offset: must be 0 or more")
     where, args = q.where()
-    base = f"SELECT * FROM ({_NAMED}) WHERE {where}"
+    base = f"SELECT * FROM ({_NAMED}) n WHERE {where}"
     # counting needs where an incident belongs only when the unit filter asks for it
-    plain = f"SELECT * FROM ({_PLAIN}) WHERE {where}" if not q.unit else base
-    total = int(r.query(f"SELECT count(*) AS n FROM ({plain})", args)[0]["n"])
+    plain = f"SELECT * FROM ({_PLAIN}) i WHERE {where}" if not q.unit else base
+    total = int(r.query(f"SELECT count(*) AS n FROM ({plain}) m", args)[0]["n"])
     rows = r.query(f"{base} ORDER BY {q.order_by()} LIMIT ? OFFSET ?", [*args, q.limit, q.offset])
     return [incident_row(x) for x in rows], total
 
@@ -172,7 +175,7 @@ def incident_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def placed_incident(r: Queryable, incident_id: str) -> dict[str, Any] | None:
-    rows = r.query(f"SELECT * FROM ({_NAMED}) WHERE id = ?", (incident_id,))
+    rows = r.query(f"SELECT * FROM ({_NAMED}) n WHERE id = ?", (incident_id,))
     return incident_row(rows[0]) if rows else None
 
 
@@ -180,7 +183,7 @@ def incident_counts(r: Queryable, unit: str | None) -> dict[str, Any]:
     """Open incidents by cause, by responsible party and by kind (effective: a decision wins)."""
     where, args = ("AND unit = ?", [unit]) if unit else ("", [])
     rows = r.query(f"SELECT effective_cause AS cause, effective_responsible AS responsible, kind, count(*) AS n "
-                   f"FROM ({PLACED_SQL}) WHERE status = 'open' {where} GROUP BY 1, 2, 3", args)
+                   f"FROM ({PLACED_SQL}) p WHERE status = 'open' {where} GROUP BY 1, 2, 3", args)
     out: dict[str, Any] = {"open": 0, "by_cause": {}, "by_responsible": {}, "by_kind": {}}
     for x in rows:
         out["open"] += x["n"]
@@ -203,7 +206,7 @@ def units_of_incidents(r: Queryable, ids: list[str]) -> dict[str, str | None]:
     if not ids:
         return {}
     marks = ",".join("?" * len(ids))
-    return {x["id"]: x["unit"] for x in r.query(f"SELECT id, unit FROM ({PLACED_SQL}) WHERE id IN ({marks})", ids)}
+    return {x["id"]: x["unit"] for x in r.query(f"SELECT id, unit FROM ({PLACED_SQL}) p WHERE id IN ({marks})", ids)}
 
 
 # ---------------------------------------------------------------- one incident, its evidence and context
@@ -432,4 +435,4 @@ def incidents_between(r: Queryable, device: str, agent: str | None, t0: float, t
     if agent:
         sql += " AND agent = ?"
         args.append(agent)
-    return r.query(sql + " ORDER BY opened_at LIMIT 500", args)
+    return r.query(sql + " ORDER BY opened_at, id LIMIT 500", args)

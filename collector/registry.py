@@ -15,7 +15,7 @@ from datetime import date
 from typing import Any, Protocol
 
 from collector import audit
-from collector.store.sqlite import SqliteStore
+from collector.store import Store
 from common.config import read_toml
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def _str(d: dict[str, Any], k: str, where: str, required: bool = True) -> str | 
     return v
 
 
-def load_toml(store: SqliteStore, path: str) -> int:
+def load_toml(store: Store, path: str) -> int:
     return load(store, read_toml(path, "registry", RegistryError))
 
 
@@ -56,7 +56,7 @@ def _text(v: Any, where: str) -> str | None:
     return v
 
 
-def load(store: SqliteStore, data: dict[str, Any]) -> int:
+def load(store: Store, data: dict[str, Any]) -> int:
     """Replace units, rooms and the file's loans with ``data``; returns the number of lent devices in it.
 
     A loan last changed through the API (``source = 'api'``) is the record: the file does not
@@ -101,7 +101,7 @@ def load(store: SqliteStore, data: dict[str, Any]) -> int:
     return len(rows_l)
 
 
-def update_loan(store: SqliteStore, device: str, changes: dict[str, Any], by: str, at: str) -> dict[str, Any]:
+def update_loan(store: Store, device: str, changes: dict[str, Any], by: str, at: str) -> dict[str, Any]:
     """Create a loan or change only the fields in ``changes`` (None clears one); audited as ``by``."""
     if not isinstance(device, str) or not device.strip() or len(device) > 200 or _CONTROL.search(device):
         raise RegistryError("loan: device must be a non-empty key (vid:pid:serial) or serial, without control "

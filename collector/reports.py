@@ -117,7 +117,8 @@ def unit_report(r: Queryable, unit: str, p: Period, now: float) -> dict[str, Any
     rooms = {x["id"]: x["name"] for x in r.query("SELECT id, name FROM rooms WHERE unit = ?", (unit,))}
     horizon = min(p.end, now)
     devices = []
-    for ln in r.query("SELECT * FROM loans WHERE unit = ? ORDER BY room, device", (unit,)):
+    # a loan without a room first on both stores (PostgreSQL would sort NULL last)
+    for ln in r.query("SELECT * FROM loans WHERE unit = ? ORDER BY coalesce(room, ''), device", (unit,)):
         win = lease_window(ln, p)
         if win is None:
             continue
@@ -135,8 +136,8 @@ def unit_report(r: Queryable, unit: str, p: Period, now: float) -> dict[str, Any
                         "device_days": round((win[1] - win[0]) / DAY, 3),
                         "observed_days": round(max(0.0, hi - lo) / DAY, 3),
                         "down_hours": round(_merged(down) / 3600, 3)})
-    rows = r.query(f"SELECT * FROM ({PLACED_SQL}) WHERE unit = ? AND status != 'withdrawn' AND opened_at >= ? "
-                   "AND opened_at < ? ORDER BY opened_at", (unit, format_epoch(p.start), format_epoch(p.end)))
+    rows = r.query(f"SELECT * FROM ({PLACED_SQL}) p WHERE unit = ? AND status != 'withdrawn' AND opened_at >= ? "
+                   "AND opened_at < ? ORDER BY opened_at, id", (unit, format_epoch(p.start), format_epoch(p.end)))
     by_cause = dict.fromkeys(CAUSES, 0)
     by_resp = dict.fromkeys(RESPONSIBLE, 0)
     by_device: dict[str, dict[str, int]] = {}

@@ -23,7 +23,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from collector import audit
 from collector.registry import Queryable
-from collector.store.sqlite import SqliteStore
+from collector.store import Store
 from common.protocol import now_ts
 
 ROLES = ("admin", "operator", "pic", "viewer")
@@ -81,7 +81,7 @@ def check_password_strength(password: str) -> None:
         raise UserError(f"a password needs at least {MIN_PASSWORD} characters")
 
 
-def add(store: SqliteStore, name: str, role: str, unit: str | None, password: str | None, by: str) -> User:
+def add(store: Store, name: str, role: str, unit: str | None, password: str | None, by: str) -> User:
     if not NAME_RE.match(name or ""):
         raise UserError(f"user name {name!r}: 1-64 of letters, digits and . _ @ -, starting with a letter or digit")
     if role not in ROLES:
@@ -103,7 +103,7 @@ def add(store: SqliteStore, name: str, role: str, unit: str | None, password: st
     return User(name, role, unit)
 
 
-def set_password(store: SqliteStore, name: str, password: str, by: str) -> None:
+def set_password(store: Store, name: str, password: str, by: str) -> None:
     check_password_strength(password)
     hashed = _hasher.hash(password)
     at = now_ts()
@@ -114,7 +114,7 @@ def set_password(store: SqliteStore, name: str, password: str, by: str) -> None:
         audit.append(db, at, by, None, "user.password_set", {"user": name})
 
 
-def disable(store: SqliteStore, name: str, by: str) -> None:
+def disable(store: Store, name: str, by: str) -> None:
     """Disable an account: its sessions end and its tokens stop working at once."""
     at = now_ts()
     with store.tx() as db:
@@ -142,7 +142,8 @@ def get(store: Queryable, name: str) -> User | None:
 
 
 def any_admin(store: Queryable) -> str | None:
-    rows = store.query("SELECT name FROM users WHERE role = 'admin' AND disabled = 0 ORDER BY created_at LIMIT 1")
+    rows = store.query("SELECT name FROM users WHERE role = 'admin' AND disabled = 0 ORDER BY created_at, name "
+                       "LIMIT 1")
     return rows[0]["name"] if rows else None
 
 
@@ -162,7 +163,7 @@ def failures_wait(store: Queryable, username: str, remote: str, now: float | Non
     return max(0.0, wait)
 
 
-def record_failure(store: SqliteStore, username: str, remote: str, now: float | None = None) -> int:
+def record_failure(store: Store, username: str, remote: str, now: float | None = None) -> int:
     """Count a failed (or not yet checked) attempt; returns its row, for ``forget_failure``."""
     now = time.time() if now is None else now
     with store.tx() as db:
@@ -172,13 +173,13 @@ def record_failure(store: SqliteStore, username: str, remote: str, now: float | 
         return int(cur.lastrowid or 0)
 
 
-def forget_failure(store: SqliteStore, row: int) -> None:
+def forget_failure(store: Store, row: int) -> None:
     """An attempt counted before its check turned out right."""
     with store.tx() as db:
         db.execute("DELETE FROM login_failures WHERE rowid = ?", (row,))
 
 
-def check_password(store: SqliteStore, name: str, password: str) -> User | None:
+def check_password(store: Store, name: str, password: str) -> User | None:
     """The user if ``password`` is theirs and the account is enabled (constant work either way)."""
     rows = store.query("SELECT name, role, unit, password FROM users WHERE name = ? AND disabled = 0", (name,))
     stored = rows[0]["password"] if rows and rows[0]["password"] else None
@@ -199,7 +200,7 @@ def check_password(store: SqliteStore, name: str, password: str) -> User | None:
 # ---------------------------------------------------------------- sessions
 
 
-def new_session(store: SqliteStore, user: User, ttl_s: float) -> tuple[str, str]:
+def new_session(store: Store, user: User, ttl_s: float) -> tuple[str, str]:
     """(session token for the cookie, CSRF token for the page)."""
     token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
     now = time.time()
@@ -217,7 +218,7 @@ def session(store: Queryable, token: str) -> tuple[User, str] | None:
     return (_row_user(rows[0]), rows[0]["csrf"]) if rows else None
 
 
-def end_session(store: SqliteStore, token: str) -> None:
+def end_session(store: Store, token: str) -> None:
     with store.tx() as db:
         db.execute("DELETE FROM sessions WHERE id = ?", (_sha(token),))
 
@@ -225,7 +226,7 @@ def end_session(store: SqliteStore, token: str) -> None:
 # ---------------------------------------------------------------- tokens
 
 
-def new_token(store: SqliteStore, name: str, label: str, by: str, kind: str = "api") -> str:
+def new_token(store: Store, name: str, label: str, by: str, kind: str = "api") -> str:
     """An API token (kind ``api``, no expiry) or a one-time sign-in token (``once``, 24 h); shown once."""
     token = ("pt_" if kind == "api" else "po_") + secrets.token_urlsafe(32)
     now = time.time()
@@ -247,7 +248,7 @@ def token_user(store: Queryable, token: str) -> User | None:
     return _row_user(rows[0])
 
 
-def use_once(store: SqliteStore, token: str) -> User | None:
+def use_once(store: Store, token: str) -> User | None:
     """Spend a one-time sign-in token: its user, or None if unknown, used or expired."""
     with store.tx() as db:
         row = db.execute("SELECT u.name, u.role, u.unit FROM tokens t JOIN users u ON u.name = t.\"user\" "

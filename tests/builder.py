@@ -8,6 +8,8 @@ import os
 import socketserver
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -155,14 +157,65 @@ def live(text: str, db: Path | str, tick: bool = True, restart: bool = False) ->
 
 FIELDS = ("id", "kind", "device", "rule", "cause", "responsible", "opened_at", "resolved_at")
 
+# A fresh PostgreSQL database for each live run of a scenario (``incidents``, ``stores``), when a test module
+# asks for both stores (``PgDatabases``, set by an autouse fixture of the policy tests); None: SQLite only.
+PG_DATABASE: Callable[[], str] | None = None
+
+
+class PgDatabases:
+    """An empty PostgreSQL database for each call, cheaply: one migrated database of ``server``, emptied before
+    each use (every row of every table but the schema version deleted, identities started again at 1) on a
+    connection kept for it. Some 10 ms a scenario, where TRUNCATE takes 60 ms, a new database 110 ms (migrated)
+    and a copy of a migrated template 130 ms."""
+
+    def __init__(self, server: Any) -> None:
+        import psycopg
+
+        from collector.store.postgres import PostgresStore
+
+        self.dsn = str(server.new_database())
+        PostgresStore(self.dsn).close()
+        self.conn = psycopg.connect(self.dsn, autocommit=True)
+
+    def __call__(self) -> str:
+        tables = [r[0] for r in self.conn.execute("SELECT quote_ident(tablename) FROM pg_tables "
+                                                  "WHERE schemaname = 'public' AND tablename != 'pantau_schema'")]
+        self.conn.execute("; ".join([*(f"DELETE FROM {t}" for t in tables),
+                                     "SELECT setval(format('%I.%I', schemaname, sequencename)::regclass, 1, false) "
+                                     "FROM pg_sequences WHERE schemaname = 'public'"]))
+        return self.dsn
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@contextmanager
+def on_postgres(server: Any) -> Iterator[None]:
+    """Within it, every scenario's live run is repeated on a fresh PostgreSQL database of ``server``."""
+    global PG_DATABASE
+    PG_DATABASE = databases = PgDatabases(server)
+    try:
+        yield
+    finally:
+        PG_DATABASE = None
+        databases.close()
+
+
+def stores(tmp_path: Path, name: str = "live.sqlite") -> list[str]:
+    """Where a scenario's live run goes: a SQLite file, and a fresh PostgreSQL database when the module
+    runs on both stores (``PG_DATABASE``)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return [str(tmp_path / name), *([PG_DATABASE()] if PG_DATABASE is not None else [])]
+
 
 def incidents(text: str, tmp_path: Path) -> list[dict[str, Any]]:
-    """Replay and live agree on every incident's identity, rule and times (and its evidence)."""
+    """Replay and live agree on every incident's identity, rule and times (and its evidence), on every store."""
     rp = replay(text)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    lv = live(text, tmp_path / "live.sqlite")
-    assert sorted(tuple(i[f] for f in FIELDS) for i in rp) == sorted(tuple(r[f] for f in FIELDS) for r in lv)
-    assert sorted(json.dumps(i["evidence"]) for i in rp) == sorted(json.dumps(json.loads(r["evidence"])) for r in lv)
+    for db in stores(tmp_path):
+        lv = live(text, db)
+        assert sorted(tuple(i[f] for f in FIELDS) for i in rp) == sorted(tuple(r[f] for f in FIELDS) for r in lv), db
+        assert sorted(json.dumps(i["evidence"]) for i in rp) == sorted(
+            json.dumps(json.loads(r["evidence"])) for r in lv), db
     return rp
 
 

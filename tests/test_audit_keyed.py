@@ -1,6 +1,7 @@
 """The keyed audit chain: a rewrite with recomputed (unkeyed, or wrongly keyed) hashes is named;
 an older unkeyed chain is sealed once when its key is made; and verifying 200,000 entries does not
-hold up an ingest batch running at the same time."""
+hold up an ingest batch running at the same time. On both stores, but for the sealing of older chains (only
+SQLite files have them)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ import httpx
 
 from collector import audit
 from collector.ingest import Collector, Inbound
+from collector.store import Store, is_postgres, open_store
 from collector.store.sqlite import SqliteStore
 from collector.web.server import WebServer
 from tests.conftest import ROOT, run_cli
-from tests.web_helpers import token_for
+from tests.web_helpers import open_test_store, token_for
 
 
-def _chain(store: SqliteStore, n: int) -> None:
+def _chain(store: Store, n: int) -> None:
     with store.tx() as db:
         for i in range(n):
             audit.append(db, f"2026-11-30T01:00:{i % 60:02d}.000Z", "ani" if i % 2 else "pantau", f"inc{i % 7}",
@@ -41,27 +43,29 @@ def _unkeyed(prev: str, row: sqlite3.Row | tuple) -> str:  # type: ignore[type-a
 
 def _rewrite_from(path: str, rid: int, digest) -> None:  # type: ignore[no-untyped-def]
     """What someone holding the database does: change entry ``rid``, then recompute every hash after it."""
-    con = sqlite3.connect(path)
-    con.execute("UPDATE audit SET detail = ? WHERE id = ?", ('{"cause":"handling_damage","i":4}', rid))
-    prev = con.execute("SELECT hash FROM audit WHERE id = ?", (rid - 1,)).fetchone()[0]
-    for r in con.execute("SELECT id, at, actor, incident, action, detail FROM audit WHERE id >= ? ORDER BY id",
-                         (rid,)).fetchall():
-        h = digest(r[0], prev, r[1:])
-        con.execute("UPDATE audit SET prev_hash = ?, hash = ? WHERE id = ?", (prev, h, r[0]))
-        prev = h
-    con.commit()
-    con.close()
+    store = open_store(path)
+    with store.tx() as con:
+        con.execute("UPDATE audit SET detail = ? WHERE id = ?", ('{"cause":"handling_damage","i":4}', rid))
+        prev = con.execute("SELECT hash FROM audit WHERE id = ?", (rid - 1,)).fetchone()[0]
+        for r in con.execute("SELECT id, at, actor, incident, action, detail FROM audit WHERE id >= ? ORDER BY id",
+                             (rid,)).fetchall():
+            h = digest(r[0], prev, tuple(r[1:]))
+            con.execute("UPDATE audit SET prev_hash = ?, hash = ? WHERE id = ?", (prev, h, r[0]))
+            prev = h
+    store.close()
 
 
-def test_a_rewrite_with_recomputed_hashes_is_named(tmp_path: Path) -> None:
-    db = str(tmp_path / "c.sqlite")
-    store = SqliteStore(db)
+def test_a_rewrite_with_recomputed_hashes_is_named(tmp_path: Path, store_db: str) -> None:
+    db = store_db
+    store = open_test_store(db, tmp_path)  # a PostgreSQL database's key: configured, in tmp_path too
     _chain(store, 12)
     store.close()
     env = {**os.environ, "PANTAU_DB": db}
+    if is_postgres(db):
+        env["PANTAU_AUDIT_KEY_FILE"] = str(tmp_path / "audit.key")
     ok = run_cli("collector.cli", "audit", "verify", env=env)
     assert ok.returncode == 0 and "12 entries checked: chain intact" in ok.stdout
-    assert oct(os.stat(tmp_path / "audit.key").st_mode & 0o777) == "0o600"
+    assert oct(os.stat(tmp_path / "audit.key").st_mode & 0o777) == "0o600"  # beside a SQLite file by default
 
     _rewrite_from(db, 5, lambda rid, prev, row: _unkeyed(prev, row))  # the old, unkeyed recipe
     n, broken, why = audit.verify_file(db)
@@ -78,10 +82,10 @@ def test_a_rewrite_with_recomputed_hashes_is_named(tmp_path: Path) -> None:
     _rewrite_from(db, 5, lambda rid, prev, row: audit._mac(key, rid, prev, *row))
     assert audit.verify_file(db) == (12, None, "chain intact")
 
-    con = sqlite3.connect(db)
-    con.execute("DELETE FROM audit WHERE id = 8")
-    con.commit()
-    con.close()
+    store = open_store(db)
+    with store.tx() as con:
+        con.execute("DELETE FROM audit WHERE id = 8")
+    store.close()
     assert audit.verify_file(db)[1] == 9  # a removed entry: the next one no longer links
 
     missing = run_cli("collector.cli", "audit", "verify",
@@ -132,10 +136,10 @@ def _batch(agent: str, start: int, n: int) -> list[Inbound]:
     return out
 
 
-def test_verifying_200000_entries_does_not_hold_up_ingest(tmp_path: Path) -> None:
-    db = str(tmp_path / "c.sqlite")
-    store = SqliteStore(db)
-    key = audit.configure(db)
+def test_verifying_200000_entries_does_not_hold_up_ingest(tmp_path: Path, store_db: str) -> None:
+    db = store_db
+    store = open_test_store(db, tmp_path)
+    key = audit.configure(db, str(tmp_path / "audit.key"))
     prev, rows = audit.GENESIS, []
     for rid in range(1, 200_001):  # built directly: the same recipe as append, without 200,000 transactions
         row = ("2026-11-30T01:00:00.000Z", "ani", f"inc{rid % 97}", "overridden", '{"cause":"host_issue"}')
@@ -172,8 +176,9 @@ def test_verifying_200000_entries_does_not_hold_up_ingest(tmp_path: Path) -> Non
             results["http"] = httpx.get(web.address + "api/audit/verify", timeout=300,
                                         headers={"Authorization": f"Bearer {token}"}).json()
 
-        cli = subprocess.Popen([sys.executable, "-m", "collector.cli", "audit", "verify"], cwd=ROOT,
-                               env={**os.environ, "PANTAU_DB": db}, stdout=subprocess.PIPE, text=True)
+        env = {**os.environ, "PANTAU_DB": db, "PANTAU_AUDIT_KEY_FILE": str(tmp_path / "audit.key")}
+        cli = subprocess.Popen([sys.executable, "-m", "collector.cli", "audit", "verify"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, text=True)
         http = threading.Thread(target=over_http)
         http.start()
         during = []

@@ -1,6 +1,6 @@
 """The dashboard's read API: incident pages (filters, search, sort, offsets, totals) answered by the store
 and compressed; history from the rollups against figures worked out by hand; the change feed, which tells
-a PIC only of their unit; and what a hostile query gets (one-line 400s, 404s across units)."""
+a PIC only of their unit; and what a hostile query gets (one-line 400s, 404s across units). On both stores."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from tests.web_helpers import SPK_B, Browser, add_user, build_site
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[tuple[Collector, str]]:
-    c = build_site(str(tmp_path / "c.sqlite"), str(tmp_path / "r.toml"))
+def site(tmp_path: Path, store_db: str) -> Iterator[tuple[Collector, str]]:
+    c = build_site(store_db, str(tmp_path / "r.toml"))
     add_user(c.store, "ani", "operator")
     add_user(c.store, "citra", "pic", "bpsdm")
     web = WebServer(c, "127.0.0.1", 0)

@@ -1,6 +1,7 @@
 """Screenshots of the overview, a room, an incident and a report at 1280 and 390 px (saved to
 /tmp/pantau-screens/ for people to look at), and what a phone needs: nothing wider than the screen,
-and the handling-report dialog's Save in view."""
+and the handling-report dialog's Save in view. Once on PostgreSQL too (a smoke test of the whole dashboard on
+the server store)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ OUT = Path("/tmp/pantau-screens")
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    s = Site(tmp_path)
+def site(tmp_path: Path, request: pytest.FixtureRequest, store: str) -> Iterator[Site]:
+    s = Site(tmp_path, request.getfixturevalue("postgres") if store == "postgresql" else None)
     now = time.time()
     rows, host = [], []
     for i in range(0, 86400, 60):  # a day of telemetry: in use in working hours, errors in the afternoon
@@ -44,8 +45,8 @@ def _no_overflow(page: Any) -> None:
     assert wide <= page.viewport_size["width"], f"{page.url}: {wide} px wide"
 
 
-@pytest.mark.parametrize("width,height", [(1280, 800), (390, 844)])
-def test_screens(site: Site, browser: Any, width: int, height: int) -> None:
+@pytest.mark.parametrize("width,height,store", [(1280, 800, "sqlite"), (390, 844, "sqlite"), (1280, 800, "postgresql")])
+def test_screens(site: Site, browser: Any, width: int, height: int, store: str) -> None:
     OUT.mkdir(exist_ok=True)
     page = sign_in(browser, site, "ani")
     page.set_viewport_size({"width": width, "height": height})

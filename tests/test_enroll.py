@@ -2,7 +2,8 @@
 web server on HTTPS: `pantau-agent enroll` (a real process) fetches its configuration pinned to the
 certificate; the account it gets publishes on its own topics only; disabling it drops its connection
 and refuses it afterwards; used, expired, unknown tokens and a wrong fingerprint are refused with one
-line and a non-zero exit, and every attempt is audited."""
+line and a non-zero exit, and every attempt is audited. The store's side of it (tokens, accounts, their end with
+the lease) on both stores, without a broker."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from typing import Any
 import pytest
 
 from collector import audit, enroll
-from collector.store.sqlite import SqliteStore
+from collector.store import Store
+from common.config import parse_broker
+from common.protocol import now_ts
 from tests.conftest import ROOT
 from tests.enroll_helpers import ADMIN, ADMIN_PW, Client, enroll_site, wait_for
 from tests.web_helpers import token_for
@@ -42,7 +45,7 @@ def agent_enroll(site: dict[str, Any], token: str, name: str = "agent.toml", fin
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
-def audit_actions(store: SqliteStore) -> list[tuple[str, dict[str, Any]]]:
+def audit_actions(store: Store) -> list[tuple[str, dict[str, Any]]]:
     return [(r["action"], json.loads(r["detail"])) for r in store.query("SELECT action, detail FROM audit ORDER BY id")]
 
 
@@ -221,3 +224,90 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
                         "http://127.0.0.1:1", "pe_x", "--fingerprint", "AB" * 32], capture_output=True, text=True,
                        timeout=60, cwd=ROOT)
     assert r.returncode == 2 and "must look like https://" in r.stderr and r.stderr.count("\n") == 1
+
+
+class FakeDynsec:
+    """The broker side of enrollment, remembered in memory: the store side runs without a broker (the tests
+    above run it against a real one)."""
+
+    def __init__(self) -> None:
+        self.broker = parse_broker("mqtt://127.0.0.1:1883")
+        self.username = ADMIN
+        self.enabled: dict[str, bool] = {}
+
+    def ensure_agent(self, agent_id: str, password: str, prefix: str = "pantau") -> None:
+        self.enabled[agent_id] = True
+
+    def disable_agent(self, agent_id: str) -> bool:
+        known = agent_id in self.enabled
+        if known:
+            self.enabled[agent_id] = False
+        return known
+
+    def enable_agent(self, agent_id: str) -> bool:
+        known = agent_id in self.enabled
+        if known:
+            self.enabled[agent_id] = True
+        return known
+
+
+def test_tokens_accounts_and_lease_ends_on_each_store(tmp_path: Path, store_db: str) -> None:
+    """Enrollment's records on both stores: a token is stored as its hash and works once until it expires;
+    the account it makes is disabled by the last loan of its room ending and enabled by a new one, over the
+    API too; every step is in an intact audit chain."""
+    import httpx
+
+    from collector import leases, registry
+    from collector.ingest import Collector
+    from collector.registry import load_toml
+    from collector.web.server import WebServer
+    from tests.web_helpers import REGISTRY, open_test_store
+
+    store = open_test_store(store_db, tmp_path)
+    (tmp_path / "r.toml").write_text(REGISTRY)
+    load_toml(store, str(tmp_path / "r.toml"))
+    broker = FakeDynsec()
+    settings = enroll.EnrollSettings(dynsec=broker)  # type: ignore[arg-type]
+    enroll.configure(settings)
+    web = WebServer(Collector(store, classify=False), "127.0.0.1", 0)
+    web.start()
+    try:
+        t = enroll.new_token(store, "setjen", "r1", 3600, "tester")
+        assert store.query("SELECT count(*) AS n FROM enroll_tokens WHERE id = ?", (t["token"],))[0]["n"] == 0
+        cfg = enroll.redeem(store, settings, t["token"], "10.0.0.5")
+        assert cfg["agent_id"] == "room-1" and broker.enabled == {"room-1": True}
+        with pytest.raises(enroll.EnrollError, match="used already"):
+            enroll.redeem(store, settings, t["token"], "10.0.0.5")
+        old = enroll.new_token(store, "bpsdm", "aula", 3600, "tester")
+        with store.tx() as db:
+            db.execute("UPDATE enroll_tokens SET expires_at = ? WHERE used_at IS NULL", (time.time() - 1,))
+        with pytest.raises(enroll.EnrollError, match="expired at"):
+            enroll.redeem(store, settings, old["token"], "10.0.0.6")
+        [acct] = enroll.accounts(store)
+        assert (acct["agent"], acct["unit"], acct["room"], acct["disabled_at"]) == ("room-1", "setjen", "r1", None)
+
+        # the camera, r1's only loan, comes back: the account ends with the lease; a new loan gives it back
+        leases.record_return(store, "046d:085e:CAM1", "ops")  # its sweep ends the account at once
+        assert broker.enabled["room-1"] is False and enroll.accounts(store)[0]["disabled_reason"] == "lease ended"
+        assert leases.lease_accounts(store, settings) == {"disabled": [], "enabled": []}  # once
+        registry.update_loan(store, "046d:085e:CAM1", {"lease_start": "2099-01-01"}, "ops", now_ts())
+        assert leases.lease_accounts(store, settings)["enabled"] == ["room-1"]
+        assert enroll.accounts(store)[0]["disabled_at"] is None and broker.enabled["room-1"] is True
+
+        op = token_for(store, "ops", "operator")
+        with httpx.Client(base_url=web.address, timeout=30, headers={"Authorization": f"Bearer {op}"}) as h:
+            made = h.post("/api/enroll/tokens", json={"unit": "bpsdm", "room": "aula", "expires": "2h"})
+            assert made.status_code == 200 and made.json()["agent_id"] == "aula-bpsdm"
+            r = h.post("/api/agents/room-1/disable", json={"reason": "PC diganti"})
+            assert r.status_code == 200, r.text
+            assert [a["agent"] for a in h.get("/api/enroll/accounts").json()] == ["room-1"]
+        assert enroll.accounts(store)[0]["disabled_reason"] == "PC diganti"
+        assert [a for a, _ in audit_actions(store)] == [
+            "enroll.token_created", "agent.enrolled", "enroll.refused", "enroll.token_created", "enroll.refused",
+            "loan.returned", "agent.disabled", "loan.updated", "agent.enabled", "user.added", "token.created",
+            "enroll.token_created", "agent.disabled"]
+        assert audit.verify(store.db)[1] is None
+    finally:
+        web.stop()
+        enroll.configure(None)
+        store.close()

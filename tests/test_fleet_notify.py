@@ -2,7 +2,8 @@
 longer than offline_after_s in working hours, and a clock more than 2 minutes off, are announced once
 when they start and once when they clear, never again on a retry or after a restart; a PC whose broker
 account was disabled is withdrawn, not announced as offline. The agents' messages go through the real
-ingest (Collector on a SQLite file), with the time they arrive chosen by the test."""
+ingest (Collector on each store, a SQLite file and a PostgreSQL database), with the time they arrive chosen by
+the test."""
 
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ from collector.fleet_notify import FleetWatch
 from collector.ingest import Collector, Inbound
 from collector.notify import Notifier, NotifyConfig
 from collector.registry import load_toml
-from collector.store.sqlite import SqliteStore
+from collector.store import Store
 from common.config import ConfigError
 from common.protocol import ts_seconds
 from tests.builder import T0, Agent, Hooks
 from tests.procs import wait_until
+from tests.web_helpers import open_test_store
 
 REGISTRY = """
 [[units]]
@@ -50,8 +52,8 @@ def feed(c: Collector, a: Agent, skew_s: float = 0.0) -> None:
 
 
 @pytest.fixture
-def collector(tmp_path: Path) -> Iterator[Collector]:
-    store = SqliteStore(str(tmp_path / "c.sqlite"))
+def collector(tmp_path: Path, store_db: str) -> Iterator[Collector]:
+    store = open_test_store(store_db, tmp_path)
     reg = tmp_path / "registry.toml"
     reg.write_text(REGISTRY)
     load_toml(store, str(reg))
@@ -71,7 +73,7 @@ def parsed(env: Any) -> Any:
     return email.message_from_bytes(env.content, policy=email.policy.default)
 
 
-def fleet_rows(store: SqliteStore) -> list[tuple[str, str, str, str]]:
+def fleet_rows(store: Store) -> list[tuple[str, str, str, str]]:
     return [(r["incident"], r["status"], r["channel"], r["state"]) for r in store.query(
         "SELECT * FROM notify_delivery WHERE incident LIKE 'fleet:%' ORDER BY id")]
 
@@ -247,8 +249,9 @@ def test_a_disabled_account_is_withdrawn_not_announced_offline(collector: Collec
     assert hooks.bodies[1]["fleet"]["disabled_reason"] == "lease ended"
 
 
-def test_hostile_registry_names_stay_out_of_the_headers(tmp_path: Path, smtp: Any, hooks: Hooks) -> None:
-    store = SqliteStore(str(tmp_path / "h.sqlite"))
+def test_hostile_registry_names_stay_out_of_the_headers(tmp_path: Path, store_db: str, smtp: Any,
+                                                         hooks: Hooks) -> None:
+    store = open_test_store(store_db, tmp_path)
     (tmp_path / "r.toml").write_text(REGISTRY.replace('"Ruang Sidang"', '"Ruang\\r\\nBcc: thief@evil.example"')
                                      .replace("budi@setjen.example", "budi@setjen.example\\r\\nCc: x@evil.example"))
     load_toml(store, str(tmp_path / "r.toml"))

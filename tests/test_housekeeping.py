@@ -1,5 +1,5 @@
 """Housekeeping (roll-ups and retention) judges age by the collector's receive time, never by an
-agent's clock: an agent whose clock is years off keeps its samples and has them rolled up."""
+agent's clock: an agent whose clock is years off keeps its samples and has them rolled up. On both stores."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from collector.ingest import Collector, Inbound
-from collector.store.sqlite import Retention, SqliteStore
+from collector.store import Retention
 from tests.builder import T0, Agent
+from tests.web_helpers import open_test_store
 
 NOW = T0.timestamp() + 3600  # the collector's wall clock in this test
 
@@ -21,8 +22,9 @@ def _feed(c: Collector, a: Agent, received_at: float) -> None:
     a.lines.clear()
 
 
-def test_samples_of_agents_with_wrong_clocks_are_rolled_up_and_kept_by_receive_time(tmp_path: Path) -> None:
-    store = SqliteStore(str(tmp_path / "c.sqlite"), Retention(raw_s=86400, five_min_s=7 * 86400, hourly_s=30 * 86400))
+def test_samples_of_agents_with_wrong_clocks_are_rolled_up_and_kept_by_receive_time(tmp_path: Path,
+                                                                                   store_db: str) -> None:
+    store = open_test_store(store_db, tmp_path, Retention(raw_s=86400, five_min_s=7 * 86400, hourly_s=30 * 86400))
     c = Collector(store)
     right = Agent("room-right", "bootright001")
     behind = Agent("room-behind", "bootbehind01", base=T0 - timedelta(days=3 * 365))  # a dead CMOS battery
@@ -50,8 +52,8 @@ def test_samples_of_agents_with_wrong_clocks_are_rolled_up_and_kept_by_receive_t
     store.close()
 
 
-def test_each_agent_clock_and_offset_are_its_own(tmp_path: Path) -> None:
-    c = Collector(SqliteStore(str(tmp_path / "c.sqlite")))
+def test_each_agent_clock_and_offset_are_its_own(tmp_path: Path, store_db: str) -> None:
+    c = Collector(open_test_store(store_db, tmp_path))
     right = Agent("room-right", "bootright001").started()
     ahead = Agent("room-ahead", "bootahead001", base=T0 + timedelta(hours=3)).started()
     received = T0.timestamp() + 2.0

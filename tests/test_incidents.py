@@ -1,6 +1,6 @@
 """Incident life beyond classification: registry, override, acknowledgement, reopen, the audit
 chain and its tamper detection, notifications to a real SMTP server and webhook, the API,
-and the replay command."""
+and the replay command. What touches the store runs on both stores (a SQLite file and a PostgreSQL database)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from collector.registry import RegistryError, load_toml, lookup
 from collector.store.sqlite import SqliteStore
 from tests.builder import CAM, REGISTRY, SPK, Agent, feed
 from tests.conftest import EXAMPLES, free_port, run_cli
+from tests.web_helpers import open_test_store
 
 
 def test_registry_names_unit_room_and_pic(collector: Collector) -> None:
@@ -33,8 +34,8 @@ def test_registry_names_unit_room_and_pic(collector: Collector) -> None:
     assert other["registered"] is False and other["unit"] is None
 
 
-def test_registry_rejects_bad_files(tmp_path: Path) -> None:
-    store = SqliteStore(str(tmp_path / "r.sqlite"))
+def test_registry_rejects_bad_files(tmp_path: Path, store_db: str) -> None:
+    store = open_test_store(store_db, tmp_path)
     bad = tmp_path / "bad.toml"
     bad.write_text("[[units]]\nname = 'no id'\n")
     with pytest.raises(RegistryError, match=r"units\[0\]\.id"):
@@ -282,10 +283,11 @@ def test_schema_migrates_forward_and_refuses_newer(tmp_path: Path) -> None:
         SqliteStore(str(db))
 
 
-def test_a_report_naming_a_device_lent_to_another_room_is_flagged_and_never_a_d1_mark(tmp_path: Path) -> None:
+def test_a_report_naming_a_device_lent_to_another_room_is_flagged_and_never_a_d1_mark(tmp_path: Path,
+                                                                                        store_db: str) -> None:
     """The registry lends CAM to room r1 (room-1's); a report about it from room-2 is recorded, flagged as
     a mismatch, and does not bill room-2's unit for room-2's own camera errors."""
-    store = SqliteStore(str(tmp_path / "m.sqlite"))
+    store = open_test_store(store_db, tmp_path)
     reg = tmp_path / "reg.toml"
     reg.write_text(REGISTRY.replace('rooms = [{ id = "r1", name = "Ruang Sidang", agent = "room-1" }]',
                                     'rooms = [{ id = "r1", name = "Ruang Sidang", agent = "room-1" },\n'
@@ -313,10 +315,10 @@ def test_a_report_naming_a_device_lent_to_another_room_is_flagged_and_never_a_d1
     store.close()
 
 
-def test_a_device_whose_lease_ended_is_no_longer_expected_in_its_room(tmp_path: Path) -> None:
+def test_a_device_whose_lease_ended_is_no_longer_expected_in_its_room(tmp_path: Path, store_db: str) -> None:
     """The registry's lease for CAM ended the day before: unplugging it opens no incident; the
     speakerphone, still lent, is missed as usual."""
-    store = SqliteStore(str(tmp_path / "l.sqlite"))
+    store = open_test_store(store_db, tmp_path)
     reg = tmp_path / "reg.toml"
     reg.write_text(REGISTRY.replace('lease_end = "2027-01-04"', 'lease_end = "2026-11-29"'))
     load_toml(store, str(reg))

@@ -1,6 +1,6 @@
 """The lease in the registry: a lease that ended yesterday or a recorded return means no missing incident
 when the device is unplugged today; the loan-out snapshot is taken when the device is first seen in its
-room and the return snapshot at the end; misplaced devices are flagged; the HTTP routes."""
+room and the return snapshot at the end; misplaced devices are flagged; the HTTP routes. On both stores."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from typing import Any
 import httpx
 import pytest
 
-from collector import audit, leases
+from collector import leases
 from collector.ingest import Collector, Inbound
 from collector.registry import RegistryError, load_toml
-from collector.store.sqlite import SqliteStore
+from collector.store import Store
 from collector.web.server import WebServer
 from tests.builder import CAM, SPK, Agent, device
-from tests.web_helpers import token_for
+from tests.web_helpers import open_test_store, token_for
 
 TODAY = datetime.now(UTC).date()
 BASE = datetime.combine(TODAY, dtime(1, 0), tzinfo=UTC)  # the agent's morning, today
@@ -57,17 +57,15 @@ def feed(c: Collector, lines: list[str]) -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Any:
-    db = str(tmp_path / "lease.sqlite")
-    audit.configure(db)
-    s = SqliteStore(db)
+def store(tmp_path: Path, store_db: str) -> Any:
+    s = open_test_store(store_db, tmp_path)
     (tmp_path / "reg.toml").write_text(REGISTRY)
     load_toml(s, str(tmp_path / "reg.toml"))
     yield s
     s.close()
 
 
-def test_a_lease_ended_yesterday_or_a_return_opens_no_incident_and_keeps_both_snapshots(store: SqliteStore) -> None:
+def test_a_lease_ended_yesterday_or_a_return_opens_no_incident_and_keeps_both_snapshots(store: Store) -> None:
     c = Collector(store)
     lines: list[str] = []
     a = Agent("room-1", "boot0001lease", lines, base=BASE).started(devices=[CAM, SPK])
@@ -105,7 +103,7 @@ def test_a_lease_ended_yesterday_or_a_return_opens_no_incident_and_keeps_both_sn
     assert [r["action"] for r in store.query("SELECT action FROM audit")] == ["loan.returned"]
 
 
-def test_a_still_lent_device_unplugged_is_missed_as_before(store: SqliteStore) -> None:
+def test_a_still_lent_device_unplugged_is_missed_as_before(store: Store) -> None:
     c = Collector(store)
     lines: list[str] = []
     a = Agent("room-1", "boot0002lease", lines, base=BASE).started(devices=[CAM, SPK])
@@ -115,7 +113,7 @@ def test_a_still_lent_device_unplugged_is_missed_as_before(store: SqliteStore) -
     assert store.query("SELECT device, kind FROM incidents") == [{"device": SPK["key"], "kind": "device_missing"}]
 
 
-def test_flags_a_lent_device_in_another_room_and_an_unlent_device_on_an_enrolled_pc(store: SqliteStore) -> None:
+def test_flags_a_lent_device_in_another_room_and_an_unlent_device_on_an_enrolled_pc(store: Store) -> None:
     c = Collector(store)
     lines: list[str] = []
     Agent("room-2", "boot0003lease", lines, base=BASE).started(devices=[SPK, STRAY])
@@ -135,7 +133,7 @@ def test_flags_a_lent_device_in_another_room_and_an_unlent_device_on_an_enrolled
     assert leases.sweep(store)["out"] == 0
 
 
-def test_record_return_refuses_bad_input(store: SqliteStore) -> None:
+def test_record_return_refuses_bad_input(store: Store) -> None:
     with pytest.raises(RegistryError, match="no loan"):
         leases.record_return(store, "1111:2222:NONE", "ops")
     with pytest.raises(RegistryError, match="RFC 3339"):
@@ -143,7 +141,7 @@ def test_record_return_refuses_bad_input(store: SqliteStore) -> None:
     assert store.query("SELECT returned_at FROM loans WHERE returned_at IS NOT NULL") == []
 
 
-def test_http_snapshots_return_and_flags(store: SqliteStore) -> None:
+def test_http_snapshots_return_and_flags(store: Store) -> None:
     c = Collector(store)
     lines: list[str] = []
     Agent("room-1", "boot0005lease", lines, base=BASE).started(devices=[SPK])
@@ -172,12 +170,11 @@ def test_http_snapshots_return_and_flags(store: SqliteStore) -> None:
         web.stop()
 
 
-def test_a_new_lease_period_lends_a_returned_device_again(tmp_path: Path) -> None:
+def test_a_new_lease_period_lends_a_returned_device_again(tmp_path: Path, store_db: str) -> None:
     from collector.registry import update_loan
-    from collector.store.sqlite import SqliteStore
     from tests.builder import REGISTRY
 
-    store = SqliteStore(str(tmp_path / "n.sqlite"))
+    store = open_test_store(store_db, tmp_path)
     reg = tmp_path / "r.toml"
     reg.write_text(REGISTRY)
     from collector.registry import load_toml

@@ -1,6 +1,6 @@
 """Notifications against real servers: aiosmtpd for mail, local HTTP servers for webhooks (one that
 answers, one that trickles a byte every 5 s, one that never answers). Incidents come from the real
-pipeline (Collector on a SQLite file, events from tests.builder)."""
+pipeline (Collector on each store, a SQLite file and a PostgreSQL database, events from tests.builder)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from collector.ingest import Collector
 from collector.notify import Notifier, NotifyConfig, header_safe
-from collector.store.sqlite import SqliteStore
+from collector.store import Store
 from tests.builder import Agent, Hooks, device, feed
 from tests.procs import wait_until
 
@@ -26,7 +26,7 @@ def incident(collector: Collector, agent: str = "room-1", key: str = "046d:085e:
     return str(rows[0]["id"])
 
 
-def deliveries(store: SqliteStore, channel: str) -> list[dict[str, Any]]:
+def deliveries(store: Store, channel: str) -> list[dict[str, Any]]:
     return store.query("SELECT * FROM notify_delivery WHERE channel = ? ORDER BY id", (channel,))
 
 

@@ -1,7 +1,7 @@
 """Classification policy v1, one scenario per rule and per "no incident" clause.
 
-Every scenario runs through ``replay`` and through the live ingest path (a real SQLite
-file); the two must agree. Expected outcomes are written from PROTOCOL.md, by hand.
+Every scenario runs through ``replay`` and through the live ingest path into both stores (a real
+SQLite file and a real PostgreSQL database); all must agree. Expected outcomes are written from PROTOCOL.md, by hand.
 """
 
 from __future__ import annotations
@@ -10,15 +10,35 @@ import io
 import json
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from collector import audit
 from collector.capture import parse_line
 from collector.ingest import Collector, Inbound
 from collector.replay import replay_stream
-from collector.store.sqlite import SqliteStore
-from tests.builder import CAM, SPK, Agent, brief, device, incidents, replay, ts
+from collector.store import is_postgres, open_store
+from tests.builder import CAM, SPK, Agent, brief, device, incidents, on_postgres, replay, ts
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _both_stores(postgres_server: Any) -> Iterator[None]:
+    """Every scenario's live run on a SQLite file and on a PostgreSQL database (``tests.builder.incidents``)."""
+    with on_postgres(postgres_server):
+        yield
+
+
+@pytest.fixture
+def store(store_db: str, tmp_path: Path) -> Iterator[Any]:
+    """A bare store of each kind (no registry)."""
+    if is_postgres(store_db):
+        audit.configure(store_db, str(tmp_path / "audit.key"))
+    s = open_store(store_db)
+    yield s
+    s.close()
 
 
 def test_d2_device_errors_are_a_device_fault(tmp_path: Path) -> None:
@@ -297,7 +317,7 @@ def test_out_of_order_delivery_changes_nothing(tmp_path: Path) -> None:
         (SPK["key"], "device_error", "D1")]
 
 
-def test_late_spooled_attach_withdraws_a_missing_incident(tmp_path: Path) -> None:
+def test_late_spooled_attach_withdraws_a_missing_incident(store: Any) -> None:
     lines: list[str] = []
     a = Agent("room-a", "bootaaaa0001", lines).started()
     other = Agent("room-b", "bootbbbb0001", lines).started()
@@ -307,8 +327,6 @@ def test_late_spooled_attach_withdraws_a_missing_incident(tmp_path: Path) -> Non
     other.telemetry(46, [CAM["key"]])
     lines.append(lines.pop(lines.index(next(x for x in lines if json.loads(x)["payload"] == attach))))
     n = len(lines) - 1
-    store_path = tmp_path / "w.sqlite"
-    store = SqliteStore(str(store_path))
     c = Collector(store)
     for i, line in enumerate(lines):
         rec = parse_line(line, i)
@@ -356,12 +374,12 @@ def test_shared_examples(name: str, tmp_path: Path) -> None:
     assert [{k: g[k] for k in expected[0]} for g in got] == expected
 
 
-def test_will_with_a_malformed_received_at_takes_the_clock(tmp_path: Path) -> None:
+def test_will_with_a_malformed_received_at_takes_the_clock(store: Any) -> None:
     """Replay and the live path stamp a ts-less will the same way, and never fail on it."""
     a = Agent().started()
     a.error(30, CAM, "video.stream_error")
     will = {"v": 1, "agent": "room-1", "boot": a.boot, "kind": "state", "state": "offline", "reason": "lost"}
-    c = Collector(SqliteStore(str(tmp_path / "w.sqlite")))
+    c = Collector(store)
     for line in a.lines:
         rec = json.loads(line)
         c.ingest([Inbound(rec["topic"], json.dumps(rec["payload"]).encode(), time.time())])

@@ -1,17 +1,31 @@
 """Policy 1.1, clause by clause: per-agent clocks, unwatched absences, windows carried across a stop,
 boots chained by prev_boot, wills, dashboard reports, U1 cycles and host-wide trouble.
 
-Every scenario runs through ``replay`` and through the live ingest path (a real SQLite file), and
-the two must agree (``tests.builder.incidents``). Expected outcomes are written from PROTOCOL.md.
+Every scenario runs through ``replay`` and through the live ingest path into both stores (a real SQLite
+file and a real PostgreSQL database), and all must agree (``tests.builder.incidents``). Expected outcomes
+are written from PROTOCOL.md.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
-from tests.builder import CAM, SPK, T0, Agent, brief, incidents, live, replay, ts
+import pytest
+
+from collector.store import open_store
+from tests.builder import CAM, SPK, T0, Agent, brief, incidents, live, on_postgres, replay, stores, ts
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _both_stores(postgres_server: Any) -> Iterator[None]:
+    """Every scenario's live run on a SQLite file and on a PostgreSQL database (``tests.builder.incidents``)."""
+    with on_postgres(postgres_server):
+        yield
+
 
 DAY = 24 * 60.0
 
@@ -112,8 +126,9 @@ def test_another_agents_clock_five_years_ahead_changes_nothing(tmp_path: Path) -
     a.error(50, SPK, "audio.stream_error")
     assert brief(incidents("\n".join(lines) + "\n", tmp_path)) == [(SPK["key"], "device_error", "D1")]
     # and the live path does not forget room-a's mark after a maintenance pass and a restart
-    rows = live("\n".join(lines) + "\n", tmp_path / "restart.sqlite", restart=True)
-    assert [(r["device"], r["rule"]) for r in rows] == [(SPK["key"], "D1")]
+    for db in stores(tmp_path, "restart.sqlite"):
+        rows = live("\n".join(lines) + "\n", db, restart=True)
+        assert [(r["device"], r["rule"]) for r in rows] == [(SPK["key"], "D1")]
 
 
 def test_an_agent_three_days_behind_is_judged_on_its_own_clock(tmp_path: Path) -> None:
@@ -135,8 +150,9 @@ def test_an_agent_three_days_behind_is_judged_on_its_own_clock(tmp_path: Path) -
     text = "\n".join(lines) + "\n"
     assert sorted(brief(incidents(text, tmp_path / "b"))) == sorted(
         [(SPK["key"], "device_error", "D1"), (CAM["key"], "device_missing", "M2")])
-    rows = live(text, tmp_path / "restart.sqlite", restart=True)
-    assert sorted((r["device"], r["rule"]) for r in rows) == sorted([(SPK["key"], "D1"), (CAM["key"], "M2")])
+    for db in stores(tmp_path, "restart.sqlite"):
+        rows = live(text, db, restart=True)
+        assert sorted((r["device"], r["rule"]) for r in rows) == sorted([(SPK["key"], "D1"), (CAM["key"], "M2")])
 
 
 def test_boots_follow_the_prev_boot_chain_when_the_clock_resets_at_every_start(tmp_path: Path) -> None:
@@ -159,13 +175,12 @@ def test_a_will_is_the_last_word_of_its_boot_and_applied_once(tmp_path: Path) ->
     b = a.restart("bootafter0001").started(at=38, devices=[SPK, CAM])  # back in the first inventory
     b.telemetry(60, [SPK["key"], CAM["key"]])
     assert incidents(a.text(), tmp_path) == []
-    lv = tmp_path / "will.sqlite"
-    live(a.text(), lv)
-    import sqlite3
-
-    with sqlite3.connect(lv) as db:
-        wills = db.execute("SELECT ts FROM evidence WHERE seq = -1").fetchall()
-    assert wills == [(ts(35),)]  # once, stamped at its agent's clock as it stood
+    for db in stores(tmp_path, "will.sqlite"):
+        live(a.text(), db)
+        store = open_store(db)
+        wills = store.query("SELECT ts FROM evidence WHERE seq = -1")
+        store.close()
+        assert wills == [{"ts": ts(35)}]  # once, stamped at its agent's clock as it stood
 
 
 def test_a_dashboard_report_stands_at_its_time_and_ends_no_boot(tmp_path: Path) -> None:

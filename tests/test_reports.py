@@ -1,5 +1,5 @@
 """Report figures against figures worked out by hand on a small fixture (the sums are in the comments),
-through the API, the CSV and the failure-rate table."""
+through the API, the CSV and the failure-rate table, on both stores."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 
 from collector import reports
 from collector.registry import load
-from collector.store.sqlite import SqliteStore
+from collector.store import Store
 from collector.web.server import WebServer
-from tests.web_helpers import Browser, add_user
+from tests.web_helpers import Browser, add_user, open_test_store
 
 A, B, C = "046d:085e:AAA", "0b0e:2456:BBB", "046d:085e:CCC"
 REGISTRY = {"units": [
@@ -44,8 +44,8 @@ def _incident(db: Any, iid: str, device: str, agent: str, kind: str, cause: str,
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    s = SqliteStore(str(tmp_path / "r.sqlite"))
+def store(tmp_path: Path, store_db: str) -> Iterator[Store]:
+    s = open_test_store(store_db, tmp_path)
     load(s, REGISTRY)
     with s.tx() as db:
         db.execute("INSERT INTO agents (agent, inventory) VALUES ('room-1', ?), ('aula', ?)",
@@ -70,7 +70,7 @@ def store(tmp_path: Path) -> Iterator[SqliteStore]:
     s.close()
 
 
-def test_unit_month_by_hand(store: SqliteStore) -> None:
+def test_unit_month_by_hand(store: Store) -> None:
     now = reports.between("2026-12-05", "2026-12-05").start  # after November: open incidents run to its end
     rep = reports.unit_report(store, "setjen", reports.month("2026-11"), now)
     # lent: A 11-01..11-10 inclusive = 10 days, B the whole month = 30 days
@@ -94,7 +94,7 @@ def test_unit_month_by_hand(store: SqliteStore) -> None:
     assert {d["device"]: d["device_days"] for d in lease["devices"]} == {A: 27.0, B: 27.0}
 
 
-def test_failure_rates_by_hand(store: SqliteStore) -> None:
+def test_failure_rates_by_hand(store: Store) -> None:
     rows = reports.failure_rates(store, reports.month("2026-11"))
     got = {(g["model"], g["firmware"]): g for g in rows}
     # device-months: A 10/30.4375 = 0.32854, B and C 30/30.4375 = 0.98563
@@ -109,7 +109,7 @@ def test_failure_rates_by_hand(store: SqliteStore) -> None:
     assert text.splitlines()[1].startswith("2026-11,046d:085e,3.17,P-085e,1,0.329,2,608.75,1,304.38")
 
 
-def test_reports_through_the_api_scoped_and_as_csv(store: SqliteStore) -> None:
+def test_reports_through_the_api_scoped_and_as_csv(store: Store) -> None:
     from collector.ingest import Collector
 
     add_user(store, "ani", "operator")

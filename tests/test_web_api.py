@@ -1,6 +1,6 @@
 """The API's decisions and the registry through it: override and acknowledge with their errors,
 handling reports, and loans — partial updates that change only what was given, are audited, and
-survive a restart and a reload of the registry file."""
+survive a restart and a reload of the registry file. On both stores."""
 
 from __future__ import annotations
 
@@ -13,16 +13,15 @@ import pytest
 from collector import audit
 from collector.ingest import Collector
 from collector.registry import load_toml
-from collector.store.sqlite import SqliteStore
 from collector.web.server import WebServer
 from collector.web.settings import WebSettings
 from tests.builder import CAM, SPK
-from tests.web_helpers import Browser, add_user, build_site
+from tests.web_helpers import Browser, add_user, build_site, open_test_store
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[tuple[Collector, str, Path]]:
-    c = build_site(str(tmp_path / "c.sqlite"), str(tmp_path / "r.toml"))
+def site(tmp_path: Path, store_db: str) -> Iterator[tuple[Collector, str, Path]]:
+    c = build_site(store_db, str(tmp_path / "r.toml"))
     add_user(c.store, "ani", "operator")
     add_user(c.store, "root", "admin")
     web = WebServer(c, "127.0.0.1", 0, settings=WebSettings(registry_path=str(tmp_path / "r.toml")))
@@ -112,7 +111,7 @@ def test_loans_change_only_what_is_given_are_audited_and_survive(site: tuple[Col
     # a restart: a new store on the same file loads the registry again, as the service does
     path = c.store.path
     c.store.close()
-    store = SqliteStore(path)
+    store = open_test_store(path, tmp)
     try:
         load_toml(store, str(reg))
         again = {r["device"]: r for r in store.query("SELECT * FROM loans")}
@@ -121,4 +120,4 @@ def test_loans_change_only_what_is_given_are_audited_and_survive(site: tuple[Col
         assert audit.verify_file(path)[1] is None
     finally:
         store.close()
-    c.store = SqliteStore(path)  # for the fixture's teardown
+    c.store = open_test_store(path, tmp)  # for the fixture's teardown

@@ -1,11 +1,12 @@
 """Who may do what, tried as a hostile user would: every state-changing request without credentials,
 from a foreign Origin with a valid session, and as text/plain; a PIC reaching for another unit;
-roles; sign-in cookies, rate limits, tokens, the proxy header; headers, /healthz and /metrics."""
+roles; sign-in cookies, rate limits, tokens, the proxy header; headers, /healthz and /metrics. On both stores."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -27,8 +28,8 @@ FOREIGN = "https://evil.example"
 
 
 class Site:
-    def __init__(self, tmp: Path, settings: WebSettings | None = None) -> None:
-        self.collector: Collector = build_site(str(tmp / "c.sqlite"), str(tmp / "r.toml"))
+    def __init__(self, tmp: Path, settings: WebSettings | None = None, db: str | None = None) -> None:
+        self.collector: Collector = build_site(db or str(tmp / "c.sqlite"), str(tmp / "r.toml"))
         self.store = self.collector.store
         for name, role, unit in (("root", "admin", None), ("ani", "operator", None), ("budi", "pic", "setjen"),
                                  ("citra", "pic", "bpsdm"), ("dewi", "viewer", None)):
@@ -47,8 +48,8 @@ class Site:
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    s = Site(tmp_path)
+def site(tmp_path: Path, store_db: str) -> Iterator[Site]:
+    s = Site(tmp_path, db=store_db)
     yield s
     s.stop()
 
@@ -273,9 +274,10 @@ def test_public_paths_headers_and_generated_openapi(site: Site) -> None:
 
 
 def test_healthz_metrics_clock_offsets_and_no_nan(site: Site) -> None:
-    site.store.db.execute("UPDATE agents SET clock = '2026-11-30T01:05:00.000Z', clock_offset_s = 300.5 "
-                          "WHERE agent = 'room-1'")
-    site.store.db.execute("UPDATE agents SET clock_offset_s = 9e999 WHERE agent = 'aula-bpsdm'")  # infinity
+    with site.store.tx() as db:
+        db.execute("UPDATE agents SET clock = '2026-11-30T01:05:00.000Z', clock_offset_s = 300.5 "
+                   "WHERE agent = 'room-1'")
+        db.execute("UPDATE agents SET clock_offset_s = ? WHERE agent = 'aula-bpsdm'", (math.inf,))
     assert httpx.get(site.base + "/healthz").json() == {"ok": True}
     text = httpx.get(site.base + "/metrics").text
     assert 'pantau_agent_clock_offset_seconds{agent="room-1"} 300.5' in text
@@ -298,8 +300,8 @@ def test_healthz_metrics_clock_offsets_and_no_nan(site: Site) -> None:
         assert inc["policy"] and inc["registry"]["unit"] == "setjen"
 
 
-def test_metrics_may_require_a_token(tmp_path: Path) -> None:
-    s = Site(tmp_path, WebSettings(metrics_require_token=True))
+def test_metrics_may_require_a_token(tmp_path: Path, store_db: str) -> None:
+    s = Site(tmp_path, WebSettings(metrics_require_token=True), store_db)
     try:
         assert httpx.get(s.base + "/metrics").status_code == 401
         token = token_for(s.store, "prometheus")
@@ -309,8 +311,8 @@ def test_metrics_may_require_a_token(tmp_path: Path) -> None:
         s.stop()
 
 
-def test_trusted_proxy_header(tmp_path: Path) -> None:
-    s = Site(tmp_path, WebSettings(proxy_header="X-Remote-User"))
+def test_trusted_proxy_header(tmp_path: Path, store_db: str) -> None:
+    s = Site(tmp_path, WebSettings(proxy_header="X-Remote-User"), store_db)
     try:
         h = {"X-Remote-User": "ani"}
         me = httpx.get(s.base + "/api/me", headers=h).json()
@@ -333,8 +335,8 @@ def test_trusted_proxy_header(tmp_path: Path) -> None:
         s.stop()
 
 
-def test_user_commands(tmp_path: Path) -> None:
-    env = {**os.environ, "PANTAU_DB": str(tmp_path / "c.sqlite"),
+def test_user_commands(tmp_path: Path, store_db: str) -> None:
+    env = {**os.environ, "PANTAU_DB": store_db,
            "PANTAU_AUDIT_KEY_FILE": str(tmp_path / "k" / "a.key")}
     out = run_cli("collector.cli", "user", "add", "ani", "--role", "operator", "--password-stdin", env=env,
                   input=PASSWORD + "\n")
@@ -350,9 +352,9 @@ def test_user_commands(tmp_path: Path) -> None:
     listing = run_cli("collector.cli", "user", "list", env=env).stdout
     assert "ani\toperator\t-\tenabled\tpassword\t1 tokens" in listing
     assert oct(os.stat(tmp_path / "k" / "a.key").st_mode & 0o777) == "0o600"
-    from collector.store.sqlite import SqliteStore
+    from collector.store import open_store
 
-    store = SqliteStore(str(tmp_path / "c.sqlite"))
+    store = open_store(store_db)
     try:
         assert users.check_password(store, "ani", PASSWORD) is not None
         assert users.token_user(store, token) is not None

@@ -1,13 +1,27 @@
-"""Sign-in limits hold under parallel guessing, and bogus one-time links block only their sender."""
+"""Sign-in limits hold under parallel guessing, and bogus one-time links block only their sender. On both
+stores."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from collector import users
+from tests.web_helpers import Site
+
+
+@pytest.fixture
+def site(tmp_path: Path, store_db: str) -> Iterator[Site]:
+    """The dashboard's site (``tests.web_helpers.Site``) on each store."""
+    s = Site(tmp_path, store_db)
+    yield s
+    s.web.stop()
+    s.store.close()
 
 
 def _login(site: Any, body: dict[str, Any], forwarded: str | None = None) -> int:
@@ -17,14 +31,14 @@ def _login(site: Any, body: dict[str, Any], forwarded: str | None = None) -> int
     return httpx.post(site.url.rstrip("/") + "/api/login", json=body, headers=headers, timeout=30).status_code
 
 
-def test_parallel_guesses_get_no_more_checks_than_the_limit(site: Any) -> None:
+def test_parallel_guesses_get_no_more_checks_than_the_limit(site: Site) -> None:
     with ThreadPoolExecutor(12) as pool:
         codes = list(pool.map(lambda i: _login(site, {"username": "dewi", "password": f"wrong-{i}"},
                                                f"10.9.0.{i}"), range(24)))
     assert codes.count(401) <= users.MAX_FAILS_PER_USER and codes.count(429) >= 24 - users.MAX_FAILS_PER_USER
 
 
-def test_bogus_one_time_links_block_only_their_sender(site: Any) -> None:
+def test_bogus_one_time_links_block_only_their_sender(site: Site) -> None:
     for i in range(users.MAX_FAILS_PER_USER + 1):
         _login(site, {"once": f"po_bogus{i}"}, "10.0.0.6")
     assert _login(site, {"once": "po_bogus-more"}, "10.0.0.6") == 429

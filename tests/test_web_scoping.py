@@ -1,21 +1,34 @@
-"""A PIC sees only their unit's rows, also where a request names another unit's room PC or device."""
+"""A PIC sees only their unit's rows, also where a request names another unit's room PC or device. On both
+stores."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+import pytest
 
 from tests.builder import CAM, Agent, device, feed
-from tests.web_helpers import SPK_B, token_for
+from tests.web_helpers import SPK_B, Site, token_for
+
+
+@pytest.fixture
+def site(tmp_path: Path, store_db: str) -> Iterator[Site]:
+    """The dashboard's site (``tests.web_helpers.Site``) on each store."""
+    s = Site(tmp_path, store_db)
+    yield s
+    s.web.stop()
+    s.store.close()
 
 
 def _get(site: Any, token: str, path: str) -> httpx.Response:
     return httpx.get(site.url.rstrip("/") + path, headers={"Authorization": f"Bearer {token}"}, timeout=10)
 
 
-def test_a_pic_naming_another_units_pc_or_device_gets_nothing_of_it(site: Any) -> None:
+def test_a_pic_naming_another_units_pc_or_device_gets_nothing_of_it(site: Site) -> None:
     stray = device("1111:2222@1-3", "camera", "1-3", serial=None)  # registered nowhere, seen only at bpsdm
     aula = Agent("aula-bpsdm", "bootbbbb0002").started(devices=[SPK_B, stray])
     aula.error(40, stray, "video.stream_error")

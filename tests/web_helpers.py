@@ -4,15 +4,16 @@ dashboard's Chromium tests sign in to."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from collector import users
+from collector import audit, users
 from collector.ingest import Collector, Inbound
-from collector.store.sqlite import SqliteStore
+from collector.store import Retention, Store, is_postgres, open_store
 from collector.web.server import WebServer
 from tests.builder import REGISTRY as BASE_REGISTRY
 from tests.builder import Agent, device
@@ -21,12 +22,20 @@ PASSWORD = "kata-sandi-uji-1"
 SPK_B = device("0b0e:2456:SPKB", "speakerphone", "3-1")
 
 
-def add_user(store: SqliteStore, name: str, role: str, unit: str | None = None, password: str = PASSWORD) -> str:
+def open_test_store(db: str, key_dir: str | Path, retention: Retention | None = None) -> Store:
+    """A store of either kind: a SQLite file, or a PostgreSQL database (``postgresql://...``), whose audit
+    chain's key is then ``key_dir/audit.key`` (a server has no folder to keep it beside)."""
+    if is_postgres(db):
+        audit.configure(db, os.path.join(str(key_dir), "audit.key"))
+    return open_store(db, retention)
+
+
+def add_user(store: Store, name: str, role: str, unit: str | None = None, password: str = PASSWORD) -> str:
     users.add(store, name, role, unit, password, "test")
     return password
 
 
-def token_for(store: SqliteStore, name: str, role: str = "viewer", unit: str | None = None) -> str:
+def token_for(store: Store, name: str, role: str = "viewer", unit: str | None = None) -> str:
     """An API token of a (new) account ``name`` for scripts and tests: ``Authorization: Bearer ...``."""
     if not store.query("SELECT 1 FROM users WHERE name = ?", (name,)):
         users.add(store, name, role, unit, None, "test")
@@ -77,9 +86,10 @@ condition = "baru"
 
 
 def build_site(db: str, registry_file: str) -> Any:
-    """A collector with two units, each with a room PC and one incident: setjen's camera errors
-    (device fault), BPSDM's speakerphone is pulled while in use and stays away (handling damage).
-    room-1 also has an unregistered speakerphone (SPK), attributed to setjen through its room."""
+    """On the store ``db`` names (a SQLite file or a PostgreSQL database), a collector with two units, each
+    with a room PC and one incident: setjen's camera errors (device fault), BPSDM's speakerphone is pulled
+    while in use and stays away (handling damage). room-1 also has an unregistered speakerphone (SPK),
+    attributed to setjen through its room."""
     import json
     import time
     from pathlib import Path
@@ -88,7 +98,7 @@ def build_site(db: str, registry_file: str) -> Any:
     from collector.registry import load_toml
     from tests.builder import CAM, Agent
 
-    store = SqliteStore(db)
+    store = open_test_store(db, os.path.dirname(registry_file))
     Path(registry_file).write_text(REGISTRY)
     load_toml(store, registry_file)
     c = Collector(store)
@@ -117,8 +127,8 @@ EVIL = device(f"1234:5678:{XSS['serial']}", "camera", "1-4", product=XSS["produc
 
 
 class Site:
-    def __init__(self, tmp: Path) -> None:
-        self.collector: Collector = build_site(str(tmp / "c.sqlite"), str(tmp / "r.toml"))
+    def __init__(self, tmp: Path, db: str | None = None) -> None:
+        self.collector: Collector = build_site(db or str(tmp / "c.sqlite"), str(tmp / "r.toml"))
         store = self.store = self.collector.store
         lines: list[str] = []
         x = Agent("ruang-xss", "bootxxxx0001", lines).started(devices=[EVIL])  # labels: setjen
@@ -127,9 +137,10 @@ class Site:
             rec = json.loads(line)
             self.collector.ingest([Inbound(rec["topic"], json.dumps(rec["payload"]).encode(), time.time())])
         self.collector.tick()
-        store.db.execute("UPDATE agents SET clock = '2026-11-30T01:05:00.000Z', clock_offset_s = -300 "
-                         "WHERE agent = 'room-1'")
-        store.db.execute("UPDATE agents SET clock_offset_s = 2.5 WHERE agent = 'aula-bpsdm'")
+        with store.tx() as db:
+            db.execute("UPDATE agents SET clock = '2026-11-30T01:05:00.000Z', clock_offset_s = -300 "
+                       "WHERE agent = 'room-1'")
+            db.execute("UPDATE agents SET clock_offset_s = 2.5 WHERE agent = 'aula-bpsdm'")
         for name, role, unit in (("root", "admin", None), ("ani", "operator", None), ("citra", "pic", "bpsdm"),
                                  ("dewi", "viewer", None)):
             add_user(store, name, role, unit)

@@ -135,7 +135,8 @@ MIGRATIONS: list[str] = [
     # 2: text compares and sorts by its bytes, as in SQLite (BINARY), whatever collation the database was
     # created with: under a language's collation (en_US, ICU) 'B' < 'a' is false, 'fleet:x' < 'fleet;' is
     # false (punctuation ignored: a prefix range would miss its keys) and lower() folds beyond ASCII.
-    # Tables made later (CREATE TABLE, ADD COLUMN through ``translate``) get the same.
+    # Tables made at run time (CREATE TABLE, ADD COLUMN through ``translate``) get the same; a later migration
+    # here (applied as written) says TEXT COLLATE "C" itself.
     """
     DO $$
     DECLARE c record;
