@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 500  # messages per hand-off
 LINGER_S = 0.01  # a partial batch waits at most this long
-MAX_UNACKED = 20_000  # messages handed off and not yet committed: past this, stop reading
+MAX_UNACKED = 5_000  # messages handed off and not yet committed: past this, stop reading (memory stays flat)
 
 
 def receiver_version(configured: str) -> str:
