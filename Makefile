@@ -26,7 +26,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/footprint.py
-	$(PY) bench/ingest.py
+	$(PY) bench/ingest.py --runs 3 --config "sqlite,postgresql,postgresql*2"
 
 # The agent's installer bundle (wheels of the agent and its dependencies) the collector serves to room PCs.
 bundle: $(STAMP)
