@@ -223,6 +223,8 @@ class Notifier:
     def __init__(self, store: Store, cfg: NotifyConfig) -> None:
         self.store = store
         self.cfg = cfg
+        # with several collectors on one database, only the classifying one delivers (each delivery once)
+        self.may_deliver: Callable[[], bool] = lambda: True
         self._inbox: queue.SimpleQueue[tuple[str, tuple[str, str], float]] = queue.SimpleQueue()
         self._pending: dict[str, _Pending] = {}
         self._stop = threading.Event()
@@ -363,6 +365,8 @@ class Notifier:
     # ------------------------------------------------------------------ delivering
     def _deliver(self, channel: str) -> int:
         n = 0
+        if not self.may_deliver():
+            return 0
         with self._channel_lock[channel]:
             due = self.store.query("SELECT * FROM notify_delivery WHERE channel = ? AND state = 'pending' "
                                    "AND next_at <= ? ORDER BY id", (channel, time.time()))

@@ -47,6 +47,7 @@ class Service:
                 webhook_url=cfg.webhook_url, delay_s=float(cfg.notify_delay_s),
                 dashboard_url=cfg.dashboard_url or ""))
             self.collector.book.listeners.append(self.notifier.on_incident)
+            self.notifier.may_deliver = lambda: self.leading
         self.fleet_watch = None
         if self.notifier is not None and cfg.notify_fleet:  # offline too long, clocks off
             from collector.fleet_notify import FleetWatch

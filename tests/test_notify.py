@@ -145,3 +145,32 @@ def test_the_listener_only_enqueues(collector: Collector, smtp: Any, hooks: Hook
 def test_header_safe() -> None:
     assert header_safe("a\r\nBcc: b\tc\x00d\u2028e") == "a Bcc: b c d e"
     assert len(header_safe("x" * 5000)) == 900
+
+
+def test_two_notifiers_on_one_store_send_each_delivery_once(collector: Collector, smtp: Any, hooks: Hooks) -> None:
+    """Several collectors on one database: each records what it hears, only the one allowed (the classifying
+    collector) delivers, so a delivery goes out once; when the lead moves, the other delivers what is due."""
+    mails, port = smtp
+    leader = notifier(collector, port, hooks.start("ok"))
+    other = Notifier(collector.store, leader.cfg)
+    lead = {"who": leader}
+    leader.may_deliver = lambda: lead["who"] is leader
+    other.may_deliver = lambda: lead["who"] is other
+    leader.start()
+    other.start()
+    try:
+        incident(collector, "room-1")
+        wait_until(lambda: len(mails) == 1, 5, what="the mail")
+        time.sleep(1.0)
+        assert len(mails) == 1 and len(hooks.bodies) == 1
+        assert (leader.sent, other.sent) == (2, 0)  # mail and webhook, both by the leader
+        lead["who"] = other  # the leader died: the other collector takes over, and delivers what comes next
+        incident(collector, "room-2", "046d:085e:CAM2")
+        wait_until(lambda: len(mails) == 2, 5, what="the second mail, from the other notifier")
+        time.sleep(1.0)
+        assert len(mails) == 2 and len(hooks.bodies) == 2
+        assert (leader.sent, other.sent) == (2, 2)
+        assert [d["state"] for d in deliveries(collector.store, "email")] == ["sent", "sent"]
+    finally:
+        leader.stop()
+        other.stop()
