@@ -225,8 +225,12 @@ def test_full_outbox_drops_oldest_and_says_so(tmp_path: Path, mosquitto: Mosquit
     # the broker is back can slip past it
     rec = Recorder(mosquitto.port, client_id="test-recorder-outbox")
     pub = publisher(mosquitto.port)
-    pub.publish("pantau/v1/agents/probe/events", "{}", qos=1).wait_for_publish(10)
-    wait_until(lambda: rec.msgs, 10, what="the recorder to subscribe")
+
+    def probe() -> bool:  # a probe sent before the recorder's subscription went to nobody: send until one arrives
+        pub.publish("pantau/v1/agents/probe/events", "{}", qos=1).wait_for_publish(10)
+        return bool(rec.msgs)
+
+    wait_until(probe, 10, interval=0.3, what="the recorder to subscribe")
     pub.loop_stop()
     pub.disconnect()
     rec.close()
