@@ -40,7 +40,48 @@ def describe(exc: BaseException) -> str:
     return f"{text} (while handling {type(cause).__name__}: {cause})" if cause is not None else text
 
 
-class Subscriber:
+class BatchStoring:
+    """What every receiving side does with its batches (this subscriber, and ``collector.writer.Writer``):
+    store each, retrying with back-off until it is stored or the side stops (a batch is never dropped:
+    QoS 0 has no re-send), and classify what waits while the stream is quiet. Needs ``collector``,
+    ``_stop`` and the counters below."""
+
+    collector: Collector
+    _stop: threading.Event
+    batches = 0
+    batch_failures = 0
+    last_batch_error: str | None = None
+    last_commit: float | None = None  # monotonic
+
+    def _store_batch(self, batch: list[Inbound]) -> bool:
+        """True once stored; False when stopping first (nothing acknowledged: the broker sends it again)."""
+        delay = 0.5
+        while True:
+            try:
+                self.collector.ingest(batch)
+            except Exception as exc:
+                self.batch_failures += 1
+                self.last_batch_error = describe(exc)
+                log.exception("storing a batch of %d failed; retrying in %.1f s", len(batch), delay)
+                if self._stop.wait(delay):
+                    return False
+                delay = min(30.0, delay * 2)
+                continue
+            self.batches += 1
+            self.last_commit = time.monotonic()
+            self.last_batch_error = None
+            return True
+
+    def _quiet(self) -> None:
+        """No batch came: decide now what waits to be classified."""
+        if self.collector.has_dirty:
+            try:
+                self.collector.classify_dirty()
+            except Exception:
+                log.exception("classifying failed")
+
+
+class Subscriber(BatchStoring):
     def __init__(self, collector: Collector, broker: Broker, client_id: str = "pantau-collector",
                  prefix: str = "pantau", share_group: str | None = None, username: str | None = None,
                  password: str | None = None, ca_file: str | None = None, batch: int = 500,
@@ -62,13 +103,9 @@ class Subscriber:
         self._in_hand = 0  # messages of the batch being stored
         self._oldest_in_hand: float | None = None
         self.started_at = time.monotonic()
-        self.last_commit: float | None = None  # monotonic
         self.received = 0  # messages taken off the wire
-        self.batches = 0
-        self.batch_failures = 0
         self.acked = 0
         self.ack_skipped = 0  # acks for a connection that was gone (the broker re-sends those)
-        self.last_batch_error: str | None = None
         self.config_error: str | None = None
         self.mqtt = Connector(
             MqttOptions(broker=broker, client_id=client_id, username=username, password=password, ca_file=ca_file,
@@ -122,11 +159,7 @@ class Subscriber:
         while not self._stop.is_set() or not self.q.empty():
             items = self._take()
             if items is None:
-                if self.collector.has_dirty:
-                    try:
-                        self.collector.classify_dirty()  # the stream went quiet: decide now
-                    except Exception:
-                        log.exception("classifying failed")
+                self._quiet()
                 continue
             try:
                 if not self._store(items):
@@ -141,23 +174,7 @@ class Subscriber:
                 self._in_hand, self._oldest_in_hand = 0, None
 
     def _store(self, items: list[_Item]) -> bool:
-        batch = [Inbound(t, p, r, from_broker=True) for t, p, r, *_ in items]
-        delay = 0.5
-        while True:  # a batch that cannot be stored is retried, never dropped (QoS 0 has no re-send)
-            try:
-                self.collector.ingest(batch)
-            except Exception as exc:
-                self.batch_failures += 1
-                self.last_batch_error = describe(exc)
-                log.exception("storing a batch of %d failed; retrying in %.1f s", len(batch), delay)
-                if self._stop.wait(delay):
-                    return False
-                delay = min(30.0, delay * 2)
-                continue
-            self.batches += 1
-            self.last_commit = time.monotonic()
-            self.last_batch_error = None
-            return True
+        return self._store_batch([Inbound(t, p, r, from_broker=True) for t, p, r, *_ in items])
 
     # ------------------------------------------------------------------ health and numbers
     @property

@@ -21,7 +21,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from collector.ingest import Collector, Inbound
-from collector.subscriber import describe
+from collector.subscriber import BatchStoring
 from common.config import parse_broker
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ LEFTOVER = 8  # sessions of receivers (and of the worker processes of earlier re
 RESTART_DELAY_S = 1.0
 
 
-class Writer:
+class Writer(BatchStoring):
     def __init__(self, collector: Collector, cfg: Any, receivers: int, stalled_s: float = 30.0) -> None:
         self.collector = collector
         self.cfg = cfg
@@ -48,11 +48,7 @@ class Writer:
         self.status: dict[int, tuple[dict[str, Any], float]] = {}  # receiver -> (its last status, when)
         self.unreachable_s = 30.0
         self.started_at = time.monotonic()
-        self.last_commit: float | None = None
         self.received = 0
-        self.batches = 0
-        self.batch_failures = 0
-        self.last_batch_error: str | None = None
         self.restarts = 0
         self._in_hand_since: float | None = None
 
@@ -116,16 +112,13 @@ class Writer:
         while not (self._stop.is_set() and self.q.empty()):
             got = self._take()
             if got is None:
-                if self.collector.has_dirty:
-                    try:
-                        self.collector.classify_dirty()  # the stream went quiet: decide now
-                    except Exception:
-                        log.exception("classifying failed")
+                self._quiet()
                 continue
             items = [Inbound(t, p, rx, from_broker=True, refused=why, checked=why is None, facts=facts)
                      for _, _, batch, _ in got for t, p, rx, why, facts in batch]
-            if not self._store(items):
+            if not self._store_batch(items):
                 return
+            self.received += len(items)
             self._in_hand_since = None
             for i, batch_id, _, _ in got:  # ack after commit: each receiver acknowledges its batches now
                 conn = self.conns[i]
@@ -135,25 +128,6 @@ class Writer:
                             conn.send(batch_id)
                 except (OSError, ValueError):
                     pass  # that receiver is gone; the broker delivers its messages again
-
-    def _store(self, items: list[Inbound]) -> bool:
-        delay = 0.5
-        while True:
-            try:
-                self.collector.ingest(items)
-            except Exception as exc:
-                self.batch_failures += 1
-                self.last_batch_error = describe(exc)
-                log.exception("storing a batch of %d failed; retrying in %.1f s", len(items), delay)
-                if self._stop.wait(delay):
-                    return False
-                delay = min(30.0, delay * 2)
-                continue
-            self.received += len(items)
-            self.batches += 1
-            self.last_commit = time.monotonic()
-            self.last_batch_error = None
-            return True
 
     # ------------------------------------------------------------------ health
     def health(self) -> list[str]:
