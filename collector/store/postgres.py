@@ -31,6 +31,7 @@ import psycopg
 from psycopg import pq
 from psycopg.adapt import Buffer, Loader
 
+from collector.store.shared import SharedStore, dicts
 from collector.store.sqlite import _WIDE, RESOLUTIONS, Retention, StoreError
 
 log = logging.getLogger(__name__)
@@ -268,7 +269,7 @@ def _redact(dsn: str) -> str:
     return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)
 
 
-class PostgresStore:
+class PostgresStore(SharedStore):
     dialect = "postgresql"
 
     def __init__(self, dsn: str, retention: Retention | None = None) -> None:
@@ -357,33 +358,16 @@ class PostgresStore:
             self._boot_ids.update(self._pending_ids)
             self._pending_ids.clear()
 
-    @contextmanager
-    def savepoint(self, db: Connection) -> Iterator[None]:
-        db.execute("SAVEPOINT one")
-        try:
-            yield
-        except BaseException:
-            self._pending_ids.clear()
-            if not db.conn.closed and db.in_transaction:
-                db.execute("ROLLBACK TO SAVEPOINT one")
-                db.execute("RELEASE SAVEPOINT one")
-            raise
-        db.execute("RELEASE SAVEPOINT one")
-
     def query(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
         with self.lock:
-            cur = self._ensure().execute(sql, tuple(args))
-            cols = [d[0] for d in cur.description or ()]
-            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+            return dicts(self._ensure().execute(sql, tuple(args)))
 
     def read(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
         """``query`` on a connection of the calling thread's own (the web side): never waits for ingest."""
         db: Connection | None = getattr(self._local, "db", None)
         if db is None or db.conn.closed or db.conn.broken:
             db = self._local.db = self._connect()
-        cur = db.execute(sql, tuple(args))
-        cols = [d[0] for d in cur.description or ()]
-        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+        return dicts(db.execute(sql, tuple(args)))
 
     # ------------------------------------------------------------------ leading
     def try_lead(self) -> bool:
@@ -412,30 +396,16 @@ class PostgresStore:
             self._pending_ids[ident] = bid
         return bid
 
-    def mark_seen(self, db: Connection, agent: str, boot: str, seq: int) -> bool:
-        row = (self._boot_id(db, agent, boot), seq)
-        return db.execute("INSERT INTO seen VALUES (?, ?) ON CONFLICT DO NOTHING", row).rowcount == 1
+    _DUPLICATE = psycopg.errors.UniqueViolation
 
-    def mark_seen_many(self, db: Connection, keys: list[tuple[str, str, int]]) -> list[bool]:
-        """As ``SqliteStore.mark_seen_many``: the database's unique key decides, one statement per batch."""
-        rows = [(self._boot_id(db, a, boot), seq) for a, boot, seq in keys]
-        if not rows:
-            return []
-        db.execute("SAVEPOINT dedup")
-        try:
-            db.conn.execute("INSERT INTO seen SELECT * FROM unnest(%s::bigint[], %s::bigint[])",
-                            [list(c) for c in zip(*rows, strict=True)], binary=True)
-        except psycopg.errors.UniqueViolation:
-            db.execute("ROLLBACK TO SAVEPOINT dedup")
-            db.execute("RELEASE SAVEPOINT dedup")
-            return [db.execute("INSERT INTO seen VALUES (?, ?) ON CONFLICT DO NOTHING", r).rowcount == 1
-                    for r in rows]
-        db.execute("RELEASE SAVEPOINT dedup")
-        return [True] * len(rows)
+    @staticmethod
+    def _insert_seen(db: Connection, rows: list[tuple[int, int]]) -> None:
+        db.conn.execute("INSERT INTO seen SELECT * FROM unnest(%s::bigint[], %s::bigint[])",
+                        [list(c) for c in zip(*rows, strict=True)], binary=True)
 
-    def unmark_seen(self, db: Connection, agent: str, boot: str, seq: int) -> None:
-        """Undo ``mark_seen`` for a message that could not be stored after all."""
-        db.execute("DELETE FROM seen WHERE boot_id = ? AND seq = ?", (self._boot_id(db, agent, boot), seq))
+    @staticmethod
+    def _alive(db: Connection) -> bool:
+        return not db.conn.closed and db.in_transaction
 
     @staticmethod
     def add_samples(db: Connection, host: list[tuple[Any, ...]], devices: list[tuple[Any, ...]]) -> None:
@@ -450,9 +420,6 @@ class PostgresStore:
     def bump(db: Connection, name: str, by: int = 1) -> None:
         db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = counters.value + ?",
                    (name, by, by))
-
-    def counters(self) -> dict[str, int]:
-        return {r["name"]: r["value"] for r in self.query("SELECT name, value FROM counters")}
 
     # ------------------------------------------------------------------ maintenance
     def roll_up_and_expire(self, now: float) -> None:

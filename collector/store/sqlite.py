@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from collector.store.shared import SharedStore, dicts
+
 MIGRATIONS: list[str] = [
     # 1: the first release
     """
@@ -151,7 +153,7 @@ class StoreError(RuntimeError):
     """The store cannot be opened: one line saying which file and why."""
 
 
-class SqliteStore:
+class SqliteStore(SharedStore):
     def __init__(self, path: str, retention: Retention | None = None) -> None:
         self.path = path
         self.retention = retention or Retention()
@@ -206,25 +208,9 @@ class SqliteStore:
             self._boot_ids.update(self._pending_ids)
             self._pending_ids.clear()
 
-    @contextmanager
-    def savepoint(self, db: sqlite3.Connection) -> Iterator[None]:
-        """Inside ``tx``: undo just this part if it raises (one message of a batch)."""
-        db.execute("SAVEPOINT one")
-        try:
-            yield
-        except BaseException:
-            self._pending_ids.clear()  # may name rows just undone; they are looked up again
-            if db.in_transaction:  # SQLITE_FULL or an I/O error may have rolled back everything already
-                db.execute("ROLLBACK TO one")
-                db.execute("RELEASE one")
-            raise
-        db.execute("RELEASE one")
-
     def query(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
         with self.lock:
-            cur = self.db.execute(sql, tuple(args))
-            cols = [d[0] for d in cur.description or ()]
-            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+            return dicts(self.db.execute(sql, tuple(args)))
 
     # ------------------------------------------------------------------ ingest side
     def _boot_id(self, db: sqlite3.Connection, agent: str, boot: str) -> int:
@@ -239,28 +225,11 @@ class SqliteStore:
             self._pending_ids[ident] = bid
         return bid
 
-    def mark_seen(self, db: sqlite3.Connection, agent: str, boot: str, seq: int) -> bool:
-        """True the first time ``(agent, boot, seq)`` is seen (keyed by a small integer per boot)."""
-        row = (self._boot_id(db, agent, boot), seq)
-        return db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", row).rowcount == 1
+    _DUPLICATE = sqlite3.IntegrityError
 
-    def mark_seen_many(self, db: sqlite3.Connection, keys: list[tuple[str, str, int]]) -> list[bool]:
-        """``mark_seen`` for a whole batch: one statement for all of it, and one per message only when
-        the batch holds a message seen before (a redelivery), to tell which."""
-        rows = [(self._boot_id(db, a, boot), seq) for a, boot, seq in keys]
-        db.execute("SAVEPOINT dedup")
-        try:
-            db.executemany("INSERT INTO seen VALUES (?, ?)", rows)
-        except sqlite3.IntegrityError:
-            db.execute("ROLLBACK TO dedup")
-            db.execute("RELEASE dedup")
-            return [db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", r).rowcount == 1 for r in rows]
-        db.execute("RELEASE dedup")
-        return [True] * len(rows)
-
-    def unmark_seen(self, db: sqlite3.Connection, agent: str, boot: str, seq: int) -> None:
-        """Undo ``mark_seen`` for a message that could not be stored after all."""
-        db.execute("DELETE FROM seen WHERE boot_id = ? AND seq = ?", (self._boot_id(db, agent, boot), seq))
+    @staticmethod
+    def _insert_seen(db: sqlite3.Connection, rows: list[tuple[int, int]]) -> None:
+        db.executemany("INSERT INTO seen VALUES (?, ?)", rows)
 
     @staticmethod
     def add_samples(db: sqlite3.Connection, host: list[tuple[Any, ...]], devices: list[tuple[Any, ...]]) -> None:
@@ -277,9 +246,6 @@ class SqliteStore:
     def bump(db: sqlite3.Connection, name: str, by: int = 1) -> None:
         db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?",
                    (name, by, by))
-
-    def counters(self) -> dict[str, int]:
-        return {r["name"]: r["value"] for r in self.query("SELECT name, value FROM counters")}
 
     # ------------------------------------------------------------------ maintenance
     def roll_up_and_expire(self, now: float) -> None:
