@@ -30,7 +30,8 @@ from typing import Any
 
 import psutil
 
-from common import ROOT, Broker, Postgres, free_port  # type: ignore[import-not-found]
+from common import ROOT, Broker, free_port  # type: ignore[import-not-found]
+from tests.pgserver import PostgresServer  # (bench/common.py puts the project on the path)
 
 DEV = [{"key": f"046d:085e:CAM{i}", "present": True, "in_use": False, "speed": "super", "errors_total": 0,
         "resets_total": 0} for i in range(2)]
@@ -115,7 +116,7 @@ def db_bytes(db: str) -> float:
 
 
 def run(kind: str, collectors: int, n: int, files: dict[tuple[str, str], Path], events: list[Path],
-        pg: Postgres | None, receivers: int | None, timeout: float) -> dict[str, Any] | None:
+        pg: PostgresServer | None, receivers: int | None, timeout: float) -> dict[str, Any] | None:
     tmp = Path(tempfile.mkdtemp(prefix="pantau-bench-run-"))
     broker = Broker()
     db = pg.new_database() if kind == "postgresql" and pg is not None else str(tmp / "c.sqlite")
@@ -241,7 +242,11 @@ def main() -> None:
         f.write_text("".join(line + "\n" for line in event_lines[k::EVENT_PUBLISHERS]))
         events.append(f)
     configs = [c.strip() for c in args.config.split(",") if c.strip()]
-    pg = Postgres() if any(c.startswith("postgresql") for c in configs) else None
+    try:
+        pg = (PostgresServer(durable=True, db_prefix="bench") if any(c.startswith("postgresql") for c in configs)
+              else None)
+    except FileNotFoundError as exc:
+        sys.exit(f"bench: {exc}")
     print(f"messages: {n} from {args.agents} agents ({n - len(event_lines)} telemetry at QoS 0 by "
           f"{len(files)} mosquitto_pub, {len(event_lines)} events at QoS 1 by {EVENT_PUBLISHERS} paho publishers)")
     try:
@@ -265,7 +270,7 @@ def main() -> None:
                       f"collector CPU {cpu:.0f} us per message (target <= 40)")
     finally:
         if pg is not None:
-            pg.stop()
+            pg.close()
 
 
 if __name__ == "__main__":

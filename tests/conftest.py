@@ -11,9 +11,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.pgserver import PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "tests" / "data" / "examples"  # copies of shared/examples (PROTOCOL.md's)
@@ -86,67 +89,20 @@ class Mosquitto:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class Postgres:
-    """A real PostgreSQL server from the distribution's package, on a free loopback port in a temporary
-    folder (run as user ``postgres`` when the tests run as root: the server refuses root)."""
-
-    def __init__(self) -> None:
-        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-        if not found:
-            pytest.fail("PostgreSQL is not installed: run `make test`, which installs it")
-        bindir = found[-1].parent
-        self.dir = Path(tempfile.mkdtemp(prefix="pantau-pg-"))
-        self.port = free_port()
-        # the server refuses to run as root: then it runs as user postgres (the package's), itself the child
-        # process, so a signal to stop it reaches it
-        as_user: dict[str, Any] = {}
-        if os.geteuid() == 0:
-            os.chmod(self.dir, 0o755)
-            shutil.chown(self.dir, "postgres", "postgres")
-            as_user = {"user": "postgres", "group": "postgres", "extra_groups": []}
-        data = self.dir / "data"
-        subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "pantau", "--auth=trust",
-                        "-E", "UTF8", "--no-sync"], check=True, capture_output=True, **as_user)
-        self.log = open(self.dir / "postgres.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [str(bindir / "postgres"), "-D", str(data), "-p", str(self.port), "-k", str(self.dir),
-             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"],
-            stdout=self.log, stderr=self.log, **as_user)
-        from collector.store.postgres import wait_ready
-
-        wait_ready(self.dsn("postgres"))
-        self._n = 0
-
-    def dsn(self, db: str) -> str:
-        return f"postgresql://pantau@127.0.0.1:{self.port}/{db}"
-
-    def new_database(self) -> str:
-        """A fresh, empty database on this server: its connection string."""
-        import psycopg
-
-        self._n += 1
-        name = f"t{self._n}"
-        with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
-        return self.dsn(name)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(2)  # fast shutdown: the sessions still open are ended
-        stop_process(self.proc, terminate=False)
-        self.log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[Postgres]:
-    pg = Postgres()
+def postgres_server() -> Iterator[PostgresServer]:
+    from tests.pgserver import PostgresServer
+
+    try:
+        pg = PostgresServer()
+    except FileNotFoundError as exc:
+        pytest.fail(f"{exc}: run `make test`, which installs it")
     yield pg
     pg.close()
 
 
 @pytest.fixture
-def postgres(postgres_server: Postgres) -> str:
+def postgres(postgres_server: PostgresServer) -> str:
     """A fresh PostgreSQL database for one test: its connection string."""
     return postgres_server.new_database()
 
