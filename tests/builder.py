@@ -6,6 +6,7 @@ import io
 import json
 import os
 import socketserver
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -365,3 +366,26 @@ class Hooks:
         for s in self.servers:
             s.shutdown()
             s.server_close()
+
+
+# ---------------------------------------------------------------- a broker's certificates
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def broker_pki(d: Path) -> None:
+    """A test CA (``ca.crt``) and a certificate for a broker on localhost / 127.0.0.1 (``broker.crt``,
+    ``broker.key``) in a new folder ``d``, readable by the broker's user."""
+    d.mkdir()
+    os.chmod(d, 0o755)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+             "-subj", "/CN=pantau-test-ca", cwd=d)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out", "broker.csr",
+             "-subj", "/CN=localhost", cwd=d)
+    (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "broker.crt", "-days", "2", "-extfile", "ext.cnf", cwd=d)
+    for f in d.iterdir():
+        os.chmod(f, 0o644)

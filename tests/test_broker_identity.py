@@ -27,7 +27,7 @@ from collector.ingest import Collector
 from collector.store.sqlite import SqliteStore
 from collector.subscriber import Subscriber
 from common.config import parse_broker
-from tests.builder import usage_event
+from tests.builder import broker_pki, usage_event
 from tests.conftest import ROOT, Mosquitto, free_port
 from tests.procs import wait_until
 
@@ -45,24 +45,6 @@ class Shipped:
     @property
     def port(self) -> int:
         return self.m.port
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _pki(d: Path) -> None:
-    d.mkdir()
-    os.chmod(d, 0o755)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-             "-subj", "/CN=pantau-test-ca", cwd=d)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out", "broker.csr",
-             "-subj", "/CN=localhost", cwd=d)
-    (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _openssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "broker.crt", "-days", "2", "-extfile", "ext.cnf", cwd=d)
-    for f in d.iterdir():
-        os.chmod(f, 0o644)
 
 
 def shipped_config(m: Mosquitto, tls_port: int) -> str:
@@ -83,7 +65,7 @@ def shipped() -> Iterator[Shipped]:
     if shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None:
         pytest.fail("openssl and mosquitto_passwd are needed: run `make test`")
     m = Mosquitto()
-    _pki(m.dir / "pki")
+    broker_pki(m.dir / "pki")
     shutil.copy(SHIPPED / "acl", m.dir / "acl")
     for i, (user, pw) in enumerate(PASSWORDS.items()):
         subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(m.dir / "passwd"), user, pw],

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.builder import CAMERA, SPEAKER, write_bus
+from tests.builder import CAMERA, SPEAKER, broker_pki, write_bus
 from tests.conftest import Mosquitto
 from tests.procs import Recorder, db_rows, publisher, retained, start_agent, start_collector, wait_until
 
@@ -166,31 +166,17 @@ def test_will_on_kill_and_shutdown_on_clean_stop(tmp_path: Path, mosquitto: Mosq
     assert st is not None and (st["state"], st["reason"]) == ("offline", "shutdown")
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 def test_tls_and_password_authentication(tmp_path: Path) -> None:
     if shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None:
         pytest.fail("openssl and mosquitto_passwd are needed: run `make test`")
     m = Mosquitto()
     pki = m.dir / "pki"
-    pki.mkdir()
-    os.chmod(pki, 0o755)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-             "-subj", "/CN=pantau-test-ca", cwd=pki)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-             "-subj", "/CN=localhost", cwd=pki)
-    (pki / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf", cwd=pki)
-    for f in pki.iterdir():
-        os.chmod(f, 0o644)
+    broker_pki(pki)
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(pki / "passwd"), "room-1", "s3cret"], check=True)
     os.chmod(pki / "passwd", 0o644)
     m.conf.write_text(
         f"listener {m.port} 127.0.0.1\nallow_anonymous false\npassword_file {pki}/passwd\n"
-        f"cafile {pki}/ca.crt\ncertfile {pki}/server.crt\nkeyfile {pki}/server.key\nlog_dest stderr\n")
+        f"cafile {pki}/ca.crt\ncertfile {pki}/broker.crt\nkeyfile {pki}/broker.key\nlog_dest stderr\n")
     m.start()
     write_bus(tmp_path / "bus.json", CAMERA)
     try:
