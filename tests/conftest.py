@@ -167,6 +167,19 @@ def collector(tmp_path: Path, store_db: str) -> Iterator[Any]:
     store.close()
 
 
+@pytest.fixture(scope="session")
+def agent_bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The agent's wheels, built as an operator does (``pantau-collector bundle``), once per run."""
+    out = tmp_path_factory.mktemp("bundle")
+    r = subprocess.run([sys.executable, "-m", "collector.cli", "bundle", "--out", str(out)], capture_output=True,
+                       text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    names = (out / "index.txt").read_text().split()
+    assert any(n.startswith("pantau-") for n in names) and any(n.startswith("pip-") for n in names)
+    assert any(n.startswith("paho_mqtt-") for n in names) and any(n.startswith("psutil-") for n in names)
+    return str(out)
+
+
 @pytest.fixture
 def browser() -> Iterator[Any]:
     """Debian's Chromium driven by Playwright (never a browser download: /work/shared/notes/services.md)."""

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,27 +18,14 @@ from typing import Any
 import pytest
 
 from collector import bundle, enroll
-from tests.conftest import ROOT
 from tests.enroll_helpers import ADMIN, ADMIN_PW, Client, enroll_site, wait_for
 
 pytestmark = pytest.mark.broker
 
 
-@pytest.fixture(scope="module")
-def wheels(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = tmp_path_factory.mktemp("bundle")
-    r = subprocess.run([sys.executable, "-m", "collector.cli", "bundle", "--out", str(out)], capture_output=True,
-                       text=True, timeout=600, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    names = (out / "index.txt").read_text().split()
-    assert any(n.startswith("pantau-") for n in names) and any(n.startswith("pip-") for n in names)
-    assert any(n.startswith("paho_mqtt-") for n in names) and any(n.startswith("psutil-") for n in names)
-    return str(out)
-
-
 @pytest.fixture
-def site(tmp_path: Path, wheels: str) -> Iterator[dict[str, Any]]:
-    with enroll_site(tmp_path, wheels) as s:
+def site(tmp_path: Path, agent_bundle: str) -> Iterator[dict[str, Any]]:
+    with enroll_site(tmp_path, agent_bundle) as s:
         yield s
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,7 +35,7 @@ from common.config import parse_broker
 from tests.conftest import Mosquitto
 from tests.enroll_helpers import ADMIN, ADMIN_PW, Client, enroll_site
 from tests.procs import Recorder, wait_until
-from tests.rig.rig import CHECKOUT, Gadget, Rig, RigUnavailable, StandIns, prepare
+from tests.rig.rig import Gadget, Rig, RigUnavailable, StandIns, prepare
 
 pytestmark = pytest.mark.rig
 AGENT = "rig-room"
@@ -216,16 +214,6 @@ GUEST_SEES_HOST = "10.0.2.2"  # QEMU user networking: the guest reaches this hos
 # where install.sh puts the agent, its configuration, state and log: tmpfs in the guest for this test,
 # so nothing of it lands in the cached guest root (a 9p share of the host's cache) for the next run
 INSTALL_PATHS = ("/opt/pantau-agent", "/etc/pantau", "/var/lib/pantau-agent")
-
-
-@pytest.fixture(scope="session")
-def agent_bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The agent's wheels, built as an operator does (``pantau-collector bundle``)."""
-    out = tmp_path_factory.mktemp("bundle")
-    r = subprocess.run([sys.executable, "-m", "collector.cli", "bundle", "--out", str(out)], capture_output=True,
-                       text=True, timeout=600, cwd=CHECKOUT)
-    assert r.returncode == 0, r.stderr
-    return str(out)
 
 
 @pytest.fixture
