@@ -26,7 +26,8 @@ from typing import Any
 import orjson
 
 from collector.store import store_failure
-from collector.store.sqlite import DEVICE_METRICS, HOST_METRICS, SqliteStore, dumps
+from collector.store.shared import DEVICE_METRICS, HOST_METRICS
+from collector.store.sqlite import SqliteStore, dumps
 from collector.timeline import WILL_SEQ, AgentClocks, is_dashboard_boot
 from common.protocol import (
     DASHBOARD_BOOT_PREFIX,

@@ -32,7 +32,7 @@ from psycopg import pq
 from psycopg.adapt import Buffer, Loader
 
 from collector.store.shared import SharedStore, dicts
-from collector.store.sqlite import _WIDE, RESOLUTIONS, Retention, StoreError
+from collector.store.sqlite import Retention, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -416,38 +416,17 @@ class PostgresStore(SharedStore):
         if devices:
             db.conn.execute(_UNNEST_DEVICE, [list(c) for c in zip(*devices, strict=True)], binary=True)
 
-    @staticmethod
-    def bump(db: Connection, name: str, by: int = 1) -> None:
-        db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = counters.value + ?",
-                   (name, by, by))
-
     # ------------------------------------------------------------------ maintenance
-    def roll_up_and_expire(self, now: float) -> None:
-        """As ``SqliteStore.roll_up_and_expire``: by receive time, into the bucket of each sample's ts."""
-        with self.tx() as db:
-            for res in RESOLUTIONS:
-                mark = db.execute("SELECT value FROM counters WHERE name = ?", (f"rollup_mark_{res}",)).fetchone()
-                lo, hi = (mark[0] if mark else 0), now // res * res
-                for table, device, metrics in _WIDE:
-                    for metric in metrics:
-                        db.execute(
-                            f"""INSERT INTO rollup AS r (res, bucket, agent, device, metric, n, sum, min, max, rx)
-                                SELECT ?, (floor(ts / ?) * ?)::bigint, agent, {device}, ?, count({metric}),
-                                       sum({metric}), min({metric}), max({metric}), max(rx)
-                                FROM {table} WHERE rx >= ? AND rx < ? AND {metric} IS NOT NULL
-                                GROUP BY 2, 3, 4
-                                ON CONFLICT (res, agent, device, metric, bucket) DO UPDATE SET
-                                  n = r.n + excluded.n, sum = r.sum + excluded.sum,
-                                  min = least(r.min, excluded.min), max = greatest(r.max, excluded.max),
-                                  rx = greatest(coalesce(r.rx, 0), excluded.rx)""",
-                            (res, float(res), res, metric, lo, hi))
-                db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                           (f"rollup_mark_{res}", int(hi)))
-            raw = now - self.retention.raw_s
-            db.execute("DELETE FROM host_samples WHERE rx < ?", (raw,))  # (every row has rx: the rx indexes)
-            db.execute("DELETE FROM device_samples WHERE rx < ?", (raw,))
-            db.execute("DELETE FROM rollup WHERE res = 300 AND rx < ?", (now - self.retention.five_min_s,))
-            db.execute("DELETE FROM rollup WHERE res = 3600 AND rx < ?", (now - self.retention.hourly_s,))
+    # SharedStore.roll_up_and_expire, in PostgreSQL: the bucket floored (a cast rounds here), its upsert
+    _ROLLUP = """INSERT INTO rollup AS r (res, bucket, agent, device, metric, n, sum, min, max, rx)
+                 SELECT ?, (floor(ts / ?) * ?)::bigint, agent, {device}, ?, count({metric}),
+                        sum({metric}), min({metric}), max({metric}), max(rx)
+                 FROM {table} WHERE rx >= ? AND rx < ? AND {metric} IS NOT NULL
+                 GROUP BY 2, 3, 4
+                 ON CONFLICT (res, agent, device, metric, bucket) DO UPDATE SET
+                   n = r.n + excluded.n, sum = r.sum + excluded.sum,
+                   min = least(r.min, excluded.min), max = greatest(r.max, excluded.max),
+                   rx = greatest(coalesce(r.rx, 0), excluded.rx)"""
 
     def close(self) -> None:
         with self.lock:

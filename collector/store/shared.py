@@ -11,6 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+RESOLUTIONS = {300: "5m", 3600: "1h"}
+HOST_METRICS = ("cpu_pct", "mem_pct", "disk_pct", "uptime_s", "temp_c")
+DEVICE_METRICS = ("present", "in_use", "errors_total", "resets_total", "speed_rank")
+_WIDE = (("host_samples", "'_host'", HOST_METRICS), ("device_samples", "device", DEVICE_METRICS))
+
 
 def dicts(cur: Any) -> list[dict[str, Any]]:
     """A cursor's rows as dicts by column name."""
@@ -71,5 +76,40 @@ class SharedStore:
         """Undo ``mark_seen`` for a message that could not be stored after all."""
         db.execute("DELETE FROM seen WHERE boot_id = ? AND seq = ?", (self._boot_id(db, agent, boot), seq))
 
+    @staticmethod
+    def bump(db: Any, name: str, by: int = 1) -> None:
+        db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = counters.value + ?",
+                   (name, by, by))
+
     def counters(self) -> dict[str, int]:
         return {r["name"]: r["value"] for r in self.query("SELECT name, value FROM counters")}
+
+    # ------------------------------------------------------------------ maintenance
+    _ROLLUP: str  # one metric of one table into one resolution: the store's own SQL (see each store)
+    retention: Any
+
+    def tx(self) -> Any:
+        raise NotImplementedError
+
+    def roll_up_and_expire(self, now: float) -> None:
+        """Fold raw samples into 5-minute and hourly buckets; drop what is past retention.
+
+        Age is judged by receive time (``rx``), never by an agent's clock: a sample is rolled up
+        once it was received, into the bucket of its own ``ts``, and kept for as long as samples
+        received with it, whatever that agent's clock says. Every row has ``rx``: these read ranges of
+        the rx indexes."""
+        with self.tx() as db:
+            for res in RESOLUTIONS:
+                mark = db.execute("SELECT value FROM counters WHERE name = ?", (f"rollup_mark_{res}",)).fetchone()
+                lo, hi = (mark[0] if mark else 0), now // res * res
+                for table, device, metrics in _WIDE:
+                    for metric in metrics:
+                        db.execute(self._ROLLUP.format(table=table, device=device, metric=metric),
+                                   (res, float(res), res, metric, lo, hi))
+                db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                           (f"rollup_mark_{res}", int(hi)))
+            raw = now - self.retention.raw_s
+            db.execute("DELETE FROM host_samples WHERE rx < ?", (raw,))
+            db.execute("DELETE FROM device_samples WHERE rx < ?", (raw,))
+            db.execute("DELETE FROM rollup WHERE res = 300 AND rx < ?", (now - self.retention.five_min_s,))
+            db.execute("DELETE FROM rollup WHERE res = 3600 AND rx < ?", (now - self.retention.hourly_s,))

@@ -136,10 +136,6 @@ MIGRATIONS: list[str] = [
 
 log = logging.getLogger(__name__)
 
-RESOLUTIONS = {300: "5m", 3600: "1h"}
-HOST_METRICS = ("cpu_pct", "mem_pct", "disk_pct", "uptime_s", "temp_c")
-DEVICE_METRICS = ("present", "in_use", "errors_total", "resets_total", "speed_rank")
-_WIDE = (("host_samples", "'_host'", HOST_METRICS), ("device_samples", "device", DEVICE_METRICS))
 
 
 @dataclass(frozen=True)
@@ -242,42 +238,17 @@ class SqliteStore(SharedStore):
             db.executemany("INSERT INTO device_samples (ts, agent, device, present, in_use, errors_total, "
                            "resets_total, speed_rank, rx) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", devices)
 
-    @staticmethod
-    def bump(db: sqlite3.Connection, name: str, by: int = 1) -> None:
-        db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?",
-                   (name, by, by))
-
     # ------------------------------------------------------------------ maintenance
-    def roll_up_and_expire(self, now: float) -> None:
-        """Fold raw samples into 5-minute and hourly buckets; drop what is past retention.
-
-        Age is judged by receive time (``rx``), never by an agent's clock: a sample is rolled up
-        once it was received, into the bucket of its own ``ts``, and kept for as long as samples
-        received with it, whatever that agent's clock says."""
-        with self.tx() as db:
-            for res in RESOLUTIONS:
-                mark = db.execute("SELECT value FROM counters WHERE name = ?", (f"rollup_mark_{res}",)).fetchone()
-                lo, hi = (mark[0] if mark else 0), now // res * res
-                for table, device, metrics in _WIDE:
-                    for metric in metrics:
-                        db.execute(
-                            f"""INSERT INTO rollup (res, bucket, agent, device, metric, n, sum, min, max, rx)
-                                SELECT ?, CAST(ts / ? AS INTEGER) * ?, agent, {device}, ?, count({metric}),
-                                       sum({metric}), min({metric}), max({metric}), max(rx)
-                                FROM {table} WHERE rx >= ? AND rx < ? AND {metric} IS NOT NULL
-                                GROUP BY 2, agent, {device}
-                                ON CONFLICT (res, agent, device, metric, bucket) DO UPDATE SET
-                                  n = n + excluded.n, sum = sum + excluded.sum,
-                                  min = min(min, excluded.min), max = max(max, excluded.max),
-                                  rx = max(coalesce(rx, 0), excluded.rx)""",
-                            (res, res, res, metric, lo, hi))
-                db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                           (f"rollup_mark_{res}", int(hi)))
-            raw = now - self.retention.raw_s
-            db.execute("DELETE FROM host_samples WHERE rx < ?", (raw,))
-            db.execute("DELETE FROM device_samples WHERE rx < ?", (raw,))
-            db.execute("DELETE FROM rollup WHERE res = 300 AND rx < ?", (now - self.retention.five_min_s,))
-            db.execute("DELETE FROM rollup WHERE res = 3600 AND rx < ?", (now - self.retention.hourly_s,))
+    # SharedStore.roll_up_and_expire, in SQLite: the bucket of a sample's ts, its upsert
+    _ROLLUP = """INSERT INTO rollup (res, bucket, agent, device, metric, n, sum, min, max, rx)
+                 SELECT ?, CAST(ts / ? AS INTEGER) * ?, agent, {device}, ?, count({metric}),
+                        sum({metric}), min({metric}), max({metric}), max(rx)
+                 FROM {table} WHERE rx >= ? AND rx < ? AND {metric} IS NOT NULL
+                 GROUP BY 2, agent, {device}
+                 ON CONFLICT (res, agent, device, metric, bucket) DO UPDATE SET
+                   n = n + excluded.n, sum = sum + excluded.sum,
+                   min = min(min, excluded.min), max = max(max, excluded.max),
+                   rx = max(coalesce(rx, 0), excluded.rx)"""
 
     def close(self) -> None:
         with self.lock:
