@@ -285,23 +285,16 @@ class Ingestor:
         """Store one message seen for the first time (its changes to ``b`` are undone by the caller if this
         raises)."""
         dashboard = is_dashboard_boot(msg.boot)
-        clock = b.clocks.get(msg.agent)
-        if clock is None and msg.agent in self.clocks.t:
-            clock = (self.clocks.t[msg.agent], self.clocks.ts[msg.agent])
+        clock = self._clock(b, msg.agent)
         # a will takes its agent's clock as it stands (its receive time if the agent has none yet)
         stamp = msg.ts if msg.ts is not None else clock[1] if clock else format_epoch(item.received_at)
         t = ts_seconds(stamp)
-        if msg.ts is not None and not dashboard:
-            if clock is None or t > clock[0]:
-                b.clocks[msg.agent] = (t, stamp)
-            ident = (msg.agent, msg.boot)
-            if t > b.boot_ts.get(ident, float("-inf")):
-                b.boot_ts[ident] = t  # (not undone with a failed message: an observation of what arrived)
-            b.offsets.append((msg.agent, item.received_at, item.received_at - t))
-            b.lag = max(0.0, item.received_at - t)
-        upd = b.agents.setdefault(msg.agent, {})
-        if not dashboard and (upd.get("last_seen") is None or stamp > upd["last_seen"]):
-            upd["last_seen"] = stamp
+        if dashboard:  # placed by its ts, it moves no clock and is no sign of the PC
+            upd = b.agents.setdefault(msg.agent, {})
+        elif msg.ts is None:  # a will: nothing it says dates anything
+            upd = self._seen(b, msg.agent, stamp)
+        else:
+            upd = self._observe(b, msg.agent, msg.boot, stamp, t, item.received_at, clock)
         if msg.kind == "telemetry":
             self._telemetry(db, b, msg, stamp, item.received_at, upd, seen_again)
         else:
@@ -322,35 +315,53 @@ class Ingestor:
 
     def _plain(self, db: sqlite3.Connection, b: _Batch, item: Inbound, f: Facts) -> None:
         """Telemetry that is no evidence, from its facts: what ``_apply`` and ``_telemetry`` do for it."""
-        agent, boot, _, stamp, t, host_values, devices, _ = f
-        rx = item.received_at
+        agent, boot, _, stamp, t, _, _, _ = f
+        upd = self._observe(b, agent, boot, stamp, t, item.received_at, self._clock(b, agent))
+        self._samples(db, b, f, item.received_at)
+        upd.pop("host", None)
+        upd.pop("devices", None)
+        upd[_RAW] = item.payload  # its host and devices are read once per batch, for the last one only
+        b.stored += 1
+
+    def _clock(self, b: _Batch, agent: str) -> tuple[float, str] | None:
+        """An agent's clock as this batch has moved it: (seconds, its ts)."""
         clock = b.clocks.get(agent)
         if clock is None and agent in self.clocks.t:
             clock = (self.clocks.t[agent], self.clocks.ts[agent])
+        return clock
+
+    @staticmethod
+    def _seen(b: _Batch, agent: str, stamp: str) -> dict[str, Any]:
+        """The batch's update of an agent, with when it was last heard of."""
+        upd = b.agents.setdefault(agent, {})
+        if upd.get("last_seen") is None or stamp > upd["last_seen"]:
+            upd["last_seen"] = stamp
+        return upd
+
+    def _observe(self, b: _Batch, agent: str, boot: str, stamp: str, t: float, rx: float,
+                 clock: tuple[float, str] | None) -> dict[str, Any]:
+        """A message dated by its agent: its clock, its boot's latest ts, its clock offset and lag move.
+        Returns the batch's update of the agent."""
         if clock is None or t > clock[0]:
             b.clocks[agent] = (t, stamp)
         ident = (agent, boot)
         if t > b.boot_ts.get(ident, float("-inf")):
-            b.boot_ts[ident] = t
+            b.boot_ts[ident] = t  # (not undone with a failed message: an observation of what arrived)
         b.offsets.append((agent, rx, rx - t))
         b.lag = max(0.0, rx - t)
-        upd = b.agents.get(agent)
-        if upd is None:
-            upd = b.agents[agent] = {}
-        if upd.get("last_seen") is None or stamp > upd["last_seen"]:
-            upd["last_seen"] = stamp
+        return self._seen(b, agent, stamp)
+
+    def _samples(self, db: sqlite3.Connection, b: _Batch, f: Facts, rx: float) -> None:
+        """A telemetry message's sample rows (and its points for the time-series sink)."""
+        agent, _, _, _, t, host_values, devices, _ = f
         b.host_rows.append((t, agent, *host_values, rx))
         b.device_rows.extend([(t, agent, *d, rx) for d in devices])
-        upd.pop("host", None)
-        upd.pop("devices", None)
-        upd[_RAW] = item.payload  # its host and devices are read once per batch, for the last one only
         if self.timeseries is not None:
             rows = [(t, agent, "_host", k, v) for k, v in zip(HOST_METRICS, host_values, strict=True)
                     if v is not None]
             rows += [(t, agent, d[0], k, float(v)) for d in devices
                      for k, v in zip(DEVICE_METRICS, d[1:], strict=True) if v is not None]
             self.timeseries.add(agent, rows, *self._labels(db, agent))
-        b.stored += 1
 
     def _tele_state(self, batch: _Batch, agent: str) -> tuple[frozenset[str], bool]:
         return batch.tele.get(agent) or self._tele.get(agent) or (frozenset(), True)
@@ -458,23 +469,10 @@ class Ingestor:
     def _telemetry(self, db: sqlite3.Connection, b: _Batch, msg: Message, stamp: str, received_at: float,
                    upd: dict[str, Any], seen_again: frozenset[str] | None) -> None:
         p = msg.payload
-        t = ts_seconds(stamp)
-        host = p.get("host") or HostGauges()
-        host_values = [_num(host.get(k)) for k in HOST_METRICS]
-        b.host_rows.append((t, msg.agent, *host_values, received_at))
-        devices = [(d["key"], (_flag(d.get("present")), _flag(d.get("in_use")), _num(d.get("errors_total")),
-                               _num(d.get("resets_total")), SPEED_RANK.get(d.get("speed") or "")))
-                   for d in p["devices"]]
-        b.device_rows.extend((t, msg.agent, key, *values, received_at) for key, values in devices)
-        upd["host"] = host  # serialised once per batch, in _update_agent
+        self._samples(db, b, telemetry_facts(p), received_at)
+        upd["host"] = p.get("host") or HostGauges()  # serialised once per batch, in _update_agent
         upd["devices"] = p["devices"]
         upd.pop(_RAW, None)
-        if self.timeseries is not None:
-            rows = [(t, msg.agent, "_host", k, v) for k, v in zip(HOST_METRICS, host_values, strict=True)
-                    if v is not None]
-            rows += [(t, msg.agent, key, k, float(v)) for key, values in devices
-                     for k, v in zip(DEVICE_METRICS, values, strict=True) if v is not None]
-            self.timeseries.add(msg.agent, rows, *self._labels(db, msg.agent))
         if seen_again:  # evidence only when it can say something new (decided once, by _seen_again)
             b.tele[msg.agent] = (seen_again, False)
             slim = Payload(v=1, agent=msg.agent, boot=msg.boot, seq=msg.seq or 0, ts=stamp, kind="telemetry",
