@@ -25,6 +25,8 @@ import sys
 import threading
 from typing import Any
 
+from collector.store import is_postgres
+
 log = logging.getLogger(__name__)
 GENESIS = "0" * 64
 KEY_FILE_NAME = "audit.key"
@@ -39,17 +41,13 @@ class AuditKeyError(ValueError):
     pass
 
 
-def _is_postgres(db_path: str) -> bool:
-    return db_path.startswith(("postgresql://", "postgres://"))
-
-
 def _ident(db_path: str) -> str:
     """What names a database: a file's absolute path, or a PostgreSQL connection string as given."""
-    return db_path if _is_postgres(db_path) else os.path.abspath(db_path)
+    return db_path if is_postgres(db_path) else os.path.abspath(db_path)
 
 
 def default_key_file(db_path: str) -> str:
-    if _is_postgres(db_path):  # several collectors share it: each must be given the same key file
+    if is_postgres(db_path):  # several collectors share it: each must be given the same key file
         raise AuditKeyError("audit: with a PostgreSQL database, set audit_key_file (the same key on every "
                             "collector)")
     return os.path.join(os.path.dirname(os.path.abspath(db_path)), KEY_FILE_NAME)
@@ -108,7 +106,7 @@ def configure(db_path: str, key_file: str | None = None) -> bytes:
         key, created = _load_or_create(kf)
         _keys[path] = key
         _key_files[path] = kf
-    if created and not _is_postgres(path) and os.path.exists(path):
+    if created and not is_postgres(path) and os.path.exists(path):
         db = sqlite3.connect(path, isolation_level=None)
         try:
             db.execute("PRAGMA busy_timeout=10000")
@@ -224,7 +222,7 @@ def verify_file(db_path: str, key_file: str | None = None) -> tuple[int, int | N
     """Verify from a read-only connection of its own, on one snapshot: never blocks writers (WAL)."""
     kf = key_file or key_file_for(db_path)
     key = read_key(kf)
-    if _is_postgres(db_path):
+    if is_postgres(db_path):
         import psycopg
 
         with psycopg.connect(db_path, autocommit=True) as conn:

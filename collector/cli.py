@@ -190,8 +190,9 @@ def _audit_verify(cfg: Any) -> int:
     import sqlite3
 
     from collector import audit
+    from collector.store import is_postgres
 
-    if not cfg.db.startswith(("postgresql://", "postgres://")) and not os.path.exists(cfg.db):
+    if not is_postgres(cfg.db) and not os.path.exists(cfg.db):
         print(f"pantau-collector audit: no database at {cfg.db}", file=sys.stderr)
         return 2
     audit.yield_cpu()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from collector.policy import Windows
+from collector.store import is_postgres
 from common.config import ConfigError, parse_broker, read_toml
 
 
@@ -189,10 +190,10 @@ def load(path: str | None = None, env: dict[str, str] | None = None, **overrides
                           "comma-separated")
     if cfg.work_start_h >= cfg.work_end_h:
         raise ConfigError("config: work_start_h: must be before work_end_h")
-    if cfg.db.startswith(("postgresql://", "postgres://")) and not cfg.audit_key_file:
+    if is_postgres(cfg.db) and not cfg.audit_key_file:
         raise ConfigError("config: audit_key_file: needed with a PostgreSQL db (give every collector the same key "
                           "file)")
-    if "://" in cfg.db and not cfg.db.startswith(("postgresql://", "postgres://")):
+    if "://" in cfg.db and not is_postgres(cfg.db):
         raise ConfigError(f"config: db: {cfg.db.split('://')[0]}:// is not a store: give a file path or "
                           "postgresql://user:password@host/dbname")
     return cfg
