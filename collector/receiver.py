@@ -236,6 +236,9 @@ def main(config: Any, index: int, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the collector stops its receivers itself (SIGTERM)
     r = Receiver(config, index, _Pipe(conn))
     signal.signal(signal.SIGTERM, lambda *_: r._stop.set())
+    from collector.service import settle_heap
+
+    settle_heap()  # a receiver's start-up heap stays out of its full collections (see settle_heap)
     r.run()
 
 

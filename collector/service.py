@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
 import time
 from typing import Any
+
+
+def settle_heap() -> None:
+    """Leave what start-up built out of the cyclic garbage collector's full collections.
+
+    A full collection walks every tracked object; over a started collector's heap (the web framework,
+    the modules, the classifier's state: ~80,000 objects) that paused the ingesting thread 30-45 ms on an
+    idle 2-core machine and over 100 ms on a busy one. Frozen, start-up objects are never walked again;
+    a full collection then walks only what the running collector made since.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class Service:
@@ -83,6 +96,7 @@ class Service:
             threading.Thread(target=self._lead, daemon=True).start()
         self.ingest.start()
         threading.Thread(target=self._maintain, daemon=True).start()
+        settle_heap()
 
     config_path: str | None = None
     TIMESERIES_BUFFER_MAX = 100_000  # points waiting for InfluxDB before the collector says it is unhealthy

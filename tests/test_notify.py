@@ -135,7 +135,7 @@ def test_the_listener_only_enqueues(collector: Collector, smtp: Any, hooks: Hook
     try:
         t0 = time.monotonic()
         n.on_incident("opened", {"id": "x", "status": "open", "cause": "device_fault", "decided_cause": None})
-        assert time.monotonic() - t0 < 0.05  # with the store busy, the listener still returns at once
+        assert time.monotonic() - t0 < 1.0  # the store is held 5 s: the listener returned without waiting for it
     finally:
         release.set()
         t.join()
