@@ -59,6 +59,7 @@ class Watcher:
         self.errors_total: Counter[str] = Counter()
         self.resets_total: Counter[str] = Counter()
         self.active: dict[tuple[str, str], float] = {}  # (key, code) -> last seen, for kernel errors
+        self.present_since: dict[str, float] = {}  # key -> when it last appeared (absent: since the start)
         self.held: dict[tuple[str, str], str] = {}  # (key, code) -> signature, for conditions that persist
         self.degraded: set[str] = set()  # keys running below their best speed on this port
         self.last_camera: str | None = None
@@ -119,6 +120,7 @@ class Watcher:
             if was is None or new["port"] != was["port"]:
                 events.append(_event("device.attached", new, self._context(key, tick.usage.get(key))))
                 inventory_changed = True
+                self.present_since[key] = tick.now
             elif new.get("speed") != was.get("speed"):
                 inventory_changed = True
             self._remember(new)
@@ -134,6 +136,8 @@ class Watcher:
         for key in list(self.usage):
             if key not in cur:
                 self.usage.pop(key)
+        for key in [k for k in self.present_since if k not in cur]:
+            del self.present_since[key]
         self.current = cur
         events += self._quiet_recoveries(tick.now)
         for ev in events:
@@ -210,9 +214,12 @@ class Watcher:
         return out
 
     def _quiet_recoveries(self, now: float) -> list[dict[str, Any]]:
+        """``device.recovered`` for a kernel error once its device has been present ``recover_quiet_s``
+        without that code: counted from the later of the last such error and the device's return."""
         out = []
         for (key, code), last in list(self.active.items()):
-            if key in self.current and now - last >= self.recover_quiet_s:
+            since = max(last, self.present_since.get(key, last))
+            if key in self.current and now - since >= self.recover_quiet_s:
                 del self.active[(key, code)]
                 out.append(_event("device.recovered", self.current[key], {}, {"code": code}))
         return out

@@ -285,7 +285,7 @@ def _day_end(day: str | None) -> float | None:
 def _floor_ts(t: float) -> str:
     """An RFC 3339 bound a second before ``t``, for a coarse SQL filter (stored ts vary in precision)."""
     try:
-        return format_epoch(max(t - 1, 946684800.0))  # 2000-01-01: no valid ts is older
+        return format_epoch(max(t - 1, 0.0))  # 1970-01-01: no valid ts is older (a reset clock is a clock)
     except (ValueError, OverflowError):
         return "0000"
 

@@ -136,13 +136,13 @@ def _is_trouble_error(ev: Evidence) -> bool:
 def _with_restart_detaches(tl: list[Evidence]) -> list[Evidence]:
     """Unwatched absence (b): a device in the previous boot's last inventory, with no detach seen
     after it, absent from the first inventory after the next ``agent.started``, counts as detached
-    (not in use) at that ``agent.started``."""
+    (not in use) at that ``agent.started``. A detach seen after that inventory — later in its boot, in a
+    boot that sent no inventory, or in the new boot before its first inventory — takes the device out:
+    it is judged by that detach."""
     out: list[Evidence] = []
-    prev_listed: dict[str, DeviceObject] | None = None  # last inventory of the previous boot, less later detaches
-    prev_inv: Evidence | None = None  # and that inventory
-    listed_inv: Evidence | None = None
+    listed: dict[str, DeviceObject] | None = None  # the latest inventory, less the detaches seen after it
+    listed_inv: Evidence | None = None  # that inventory
     cur_boot: str | None = None
-    listed: dict[str, DeviceObject] | None = None
     anchor: Evidence | None = None
     attached_before_inv: set[str] = set()
     first_inv_done = False
@@ -151,22 +151,19 @@ def _with_restart_detaches(tl: list[Evidence]) -> list[Evidence]:
             out.append(ev)
             continue
         if ev.boot != cur_boot:
-            if listed is not None:
-                prev_listed, prev_inv = dict(listed), listed_inv
-            cur_boot, listed, anchor, first_inv_done = ev.boot, None, None, False
-            attached_before_inv = set()
+            cur_boot, anchor, first_inv_done, attached_before_inv = ev.boot, None, False, set()
         if ev.type == "agent.started" and anchor is None:
             anchor = ev
         out.append(ev)
         if ev.kind == "inventory":
-            if not first_inv_done and prev_listed is not None and anchor is not None:
-                at = anchor
-                missing = [k for k in prev_listed if k not in ev.keys and k not in attached_before_inv]
+            if not first_inv_done and listed is not None and anchor is not None:
+                at = anchor  # ``listed`` is still an earlier boot's: this is the boot's first inventory
+                missing = [k for k in listed if k not in ev.keys and k not in attached_before_inv]
                 synth = [
                     Evidence(agent=at.agent, boot=at.boot, seq=at.seq, ts=at.ts, ts_str=at.ts_str, kind="event",
-                             type="device.detached", key=k, device=prev_listed[k],
+                             type="device.detached", key=k, device=listed[k],
                              context={"in_use": False, "users": [], "meeting": False}, synthetic=True,
-                             basis=prev_inv)
+                             basis=listed_inv)
                     for k in missing
                 ]
                 if synth:

@@ -33,6 +33,7 @@ class Replayer:
         self.histories: dict[str, AgentHistory] = {}
         self.clocks = AgentClocks()
         self.result = ReplayResult()
+        self._seen: set[tuple[str, str, int]] = set()  # every applied message's (agent, boot, seq)
 
     def feed(self, topic: str, payload: bytes | dict, received_at: str | None = None) -> str:
         """Apply one message; returns "applied", "duplicate" or "rejected:<reason>"."""
@@ -42,10 +43,11 @@ class Replayer:
             self.result.rejected[exc.reason] += 1
             return f"rejected:{exc.reason}"
         hist = self.histories.get(msg.agent)
-        seq = WILL_SEQ if msg.seq is None else msg.seq
-        if hist is not None and hist.seen(msg.boot, seq):
+        ident = (msg.agent, msg.boot, WILL_SEQ if msg.seq is None else msg.seq)
+        if ident in self._seen:  # any message, evidence or not: the first received copy wins
             self.result.duplicates += 1
             return "duplicate"
+        self._seen.add(ident)
         # a will takes its agent's clock as it stands; received_at is kept but no rule reads it
         stamp = self.clocks.stamp(msg.agent, msg.ts, _valid_ts(received_at))
         if msg.ts is not None and not is_dashboard_boot(msg.boot):

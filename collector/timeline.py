@@ -144,9 +144,6 @@ class AgentHistory:
             self._ordered = None
         return gone
 
-    def seen(self, boot: str, seq: int) -> bool:
-        return (boot, seq) in self._seen
-
     def boot_rank(self) -> dict[str, int]:
         """Boot -> position, by the prev_boot chain; unlinked boots by their start time, then id."""
         if self._rank is not None:

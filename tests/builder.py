@@ -87,8 +87,8 @@ class Agent:
         return self.event("device.attached", at, dev, seq=seq, context={"in_use": False, "users": [],
                                                                        "meeting": False})
 
-    def telemetry(self, at: float, present: list[str]) -> None:
-        self._msg("telemetry", "telemetry", at, host={"cpu_pct": 1.0, "mem_pct": 2.0, "disk_pct": 3.0,
+    def telemetry(self, at: float, present: list[str], seq: int | None = None) -> None:
+        self._msg("telemetry", "telemetry", at, seq=seq, host={"cpu_pct": 1.0, "mem_pct": 2.0, "disk_pct": 3.0,
                                                       "uptime_s": 10, "temp_c": None},
                   devices=[{"key": k, "present": True, "in_use": False, "speed": "high", "errors_total": 0,
                             "resets_total": 0} for k in present])

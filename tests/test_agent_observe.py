@@ -196,6 +196,35 @@ def test_kernel_signals_are_attributed_by_port(tmp_path: Path) -> None:
     assert tel["046d:0843:A1B2C3D4"]["resets_total"] == 1 and tel["046d:0843:A1B2C3D4"]["errors_total"] == 1
 
 
+def test_a_kernel_error_recovers_after_ten_minutes_present_without_it(tmp_path: Path) -> None:
+    """PROTOCOL 1.1: an error with no "cleared" signal of its own gets device.recovered after 10 min
+    present without that code; time away does not count."""
+    from agent.signals.kmsg import parse_line
+    from agent.watch import Tick
+
+    room = Room(tmp_path, CAMERA, SPEAKER)
+    spk = "0b0e:2456@1-3.1"
+
+    def tick(now: float, *devices: dict[str, Any], lines: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+        write_bus(room.bus, *devices)
+        t: Tick = room.observer.look()
+        t.now = now
+        t.signals = [s for s in (parse_line(x, i) for i, x in enumerate(lines)) if s is not None]
+        ev, _ = room.watcher.step(t)
+        return [(e["type"], e["device"]["key"]) for e in ev]
+
+    err = ("[ 1.0] usb 1-3.1: 1:1: usb_set_interface failed (-71)",)
+    assert tick(0, CAMERA, SPEAKER, lines=err) == [("device.error", spk)]
+    assert tick(60, CAMERA) == [("device.detached", spk)]  # away from 60 s...
+    assert tick(590, CAMERA, SPEAKER) == [("device.attached", spk)]  # ...back at 590 s
+    assert tick(600, CAMERA, SPEAKER) == []  # 10 min after the error, but only 10 s present
+    assert tick(1189, CAMERA, SPEAKER) == []
+    assert tick(1190, CAMERA, SPEAKER) == [("device.recovered", spk)]  # 10 min present without it
+    assert tick(1800, CAMERA, SPEAKER, lines=err) == [("device.error", spk)]
+    assert tick(2399, CAMERA, SPEAKER) == []
+    assert tick(2400, CAMERA, SPEAKER) == [("device.recovered", spk)]  # present throughout: 10 min after it
+
+
 def test_usage_from_a_process_really_holding_the_node(tmp_path: Path) -> None:
     node = tmp_path / "video7"
     node.write_bytes(b"")

@@ -8,6 +8,7 @@ are written from PROTOCOL.md.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from datetime import timedelta
@@ -278,6 +279,9 @@ def test_a_pc_whose_clock_reset_to_1970_is_judged_on_its_own_clock(tmp_path: Pat
     a.error(30, CAM, "video.stream_error")
     [inc] = incidents(a.text(), tmp_path)
     assert (inc["rule"], inc["opened_at"]) == ("D2", "1970-01-01T00:30:00.000Z")
+    for db in stores(tmp_path, "restart.sqlite"):  # and a restarted collector still reads its evidence
+        rows = live(a.text(), db, restart=True)
+        assert [(r["rule"], r["status"], r["opened_at"]) for r in rows] == [("D2", "open", inc["opened_at"])]
 
 
 def test_the_prev_boot_chain_holds_when_the_next_clock_resets_to_2000(tmp_path: Path) -> None:
@@ -352,3 +356,49 @@ def test_no_absence_is_derived_without_an_agent_started(tmp_path: Path) -> None:
     b.inventory(20, [SPK])  # a boot whose agent.started never arrived
     b.telemetry(40, [SPK["key"]])
     assert incidents(a.text(), tmp_path) == []
+
+
+# ---------------------------------------------------------------- found by a third reading
+
+
+def _started_without_inventory(a: Agent, at: float) -> None:
+    a.event("agent.started", at, context={"host_boot": ts(at - 3, a.base), "prev_boot": a.prev_boot})
+
+
+def test_a_duplicate_of_any_message_is_applied_once_evidence_or_not(tmp_path: Path) -> None:
+    from collector.replay import replay_stream
+
+    a = Agent().started()
+    a.telemetry(5, [])  # lists nothing present: no evidence, but still the message (agent, boot, seq)
+    a.error(6, CAM, "video.stream_error", seq=a.seq)  # the same (agent, boot, seq): a duplicate, not applied
+    a.telemetry(20, [CAM["key"], SPK["key"]])
+    assert incidents(a.text(), tmp_path) == []
+    assert replay_stream(io.StringIO(a.text())).duplicates == 1
+
+
+def test_a_detach_seen_before_the_next_boots_first_inventory_is_judged_by_that_detach(tmp_path: Path) -> None:
+    a = Agent().started()  # camera and speaker listed
+    a.event("agent.stopping", 10)
+    b = a.restart("bootnext00001")
+    _started_without_inventory(b, 70)
+    b.detach(73, CAM, in_use=True)  # seen going, pulled during a meeting
+    b.inventory(75, [SPK])
+    b.telemetry(90, [SPK["key"]])
+    [inc] = incidents(a.text(), tmp_path)
+    assert (inc["rule"], inc["opened_at"]) == ("M1", ts(73))  # not an unwatched absence at the start
+    assert [e["type"] for e in inc["evidence"]] == ["device.detached"]
+
+
+def test_a_detach_seen_in_a_boot_without_inventory_is_judged_by_that_detach(tmp_path: Path) -> None:
+    a = Agent().started()  # camera and speaker listed
+    a.event("agent.stopping", 10)
+    b = a.restart("bootb00000001")
+    _started_without_inventory(b, 20)  # this boot never sends an inventory
+    b.detach(25, CAM, in_use=True)
+    b.event("agent.stopping", 26)  # its window is pending at the stop: carried to the next start
+    c = b.restart("bootc00000001").started(at=60, devices=[SPK])
+    c.telemetry(75, [SPK["key"]])
+    [inc] = incidents(a.text(), tmp_path)
+    assert (inc["rule"], inc["opened_at"]) == ("M1", ts(25))  # the detach's own in_use, not a derived one
+    assert [(e["type"], e["boot"]) for e in inc["evidence"]] == [
+        ("device.detached", "bootb00000001"), ("agent.started", "bootc00000001")]
