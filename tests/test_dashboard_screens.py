@@ -5,6 +5,7 @@ the server store)."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -84,4 +85,41 @@ def test_screens(site: Site, browser: Any, width: int, height: int, store: str) 
     _no_overflow(page)
     page.emulate_media(media="print")
     page.screenshot(path=str(OUT / f"report-print-{width}.png"), full_page=True)
+    page.context.close()
+
+
+@pytest.mark.parametrize("store", ["sqlite"])
+def test_the_overview_fits_a_1280x720_screen(site: Site, browser: Any, store: str) -> None:
+    """Counts, tabs, filters, a page of rooms or incidents and its pager in one screen; the table scrolls
+    inside its box (its header stays), the page itself does not scroll."""
+    from collector.ingest import Inbound
+    from tests.builder import SPK, Agent
+
+    lines: list[str] = []
+    for n in range(40):  # a fleet whose page of rooms is taller than the screen
+        a = Agent(f"ruang-{n:02d}", f"bootfleet{n:03d}", lines).started(devices=[CAM, SPK])
+        a.error(5, CAM, "video.stream_error")
+    for line in lines:
+        rec = json.loads(line)
+        site.collector.ingest([Inbound(rec["topic"], json.dumps(rec["payload"]).encode(), time.time())])
+    site.collector.tick()
+    page = sign_in(browser, site, "ani")
+    page.set_viewport_size({"width": 1280, "height": 720})
+    page.goto(site.url + "#/")
+    for tab, box, rows in (("rooms", "#rooms-box", "#rooms tbody tr[data-agent]"),
+                           ("incidents", "#inc-box", "#incidents tbody tr[data-id]")):
+        page.click(f"#tab-{tab}")
+        page.wait_for_selector(rows)
+        page.wait_for_timeout(100)
+        page.screenshot(path=str(OUT / f"overview-720-{tab}.png"))
+        fit = page.evaluate(f"""() => {{ const b = document.querySelector("{box} .fit"),
+            p = document.querySelector("{box} .pager").getBoundingClientRect();
+            return {{page: document.documentElement.scrollHeight, inner: b.scrollHeight, shown: b.clientHeight,
+                     pager: p.bottom}}; }}""")
+        print(f"\n{tab} at 1280x720: {fit}")
+        assert fit["page"] <= 720 and fit["pager"] <= 720, fit  # the whole overview in one screen
+        assert fit["inner"] > fit["shown"], fit  # this page of rows is taller than its box: it scrolls inside
+        last = page.locator(rows).last
+        last.scroll_into_view_if_needed()
+        assert last.is_visible() and page.evaluate("document.documentElement.scrollHeight") <= 720
     page.context.close()

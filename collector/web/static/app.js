@@ -99,6 +99,16 @@ function pager(id, total, st) {
     `<span>${from}–${to} ${esc(t("of"))} ${total}</span>` +
     `<button type="button" data-dir="1" ${to >= total ? "disabled" : ""}>${esc(t("next"))}</button></div>`;
 }
+// On a wide screen the overview fits the window: a table scrolls inside its box, its pager stays in view.
+function fitTables() {
+  const wide = matchMedia("(min-width: 701px)").matches;
+  document.querySelectorAll("#view .fit").forEach((box) => {
+    if (!wide || box.offsetParent === null) { box.style.maxHeight = ""; return; }
+    const below = box.nextElementSibling ? box.nextElementSibling.getBoundingClientRect().height : 0;
+    const room = window.innerHeight - (box.getBoundingClientRect().top + window.scrollY) - below - 40;
+    box.style.maxHeight = `${Math.max(180, Math.floor(room))}px`;
+  });
+}
 function sortHead(st, key, label) {
   const mark = st.sort === key ? (st.order === "asc" ? " ▲" : " ▼") : "";
   return `<th><button type="button" class="sort" data-sort="${esc(key)}">${esc(label)}${mark}</button></th>`;
@@ -143,6 +153,7 @@ function showTab(tab) {
   $("sec-rooms").hidden = tab !== "rooms";
   $("sec-incidents").hidden = tab !== "incidents";
   document.querySelectorAll(".tabs button").forEach((b) => b.classList.toggle("on", b.dataset.tab === tab));
+  fitTables();
 }
 
 function wireOverview() {
@@ -185,6 +196,7 @@ async function loadCounts(mine) {
       <div class="count list"><span>${esc(t("by_cause"))}</span><ul id="by-cause">${list(inc.by_cause, causeName)}</ul></div>
       <div class="count list"><span>${esc(t("by_responsible"))}</span><ul id="by-resp">${list(inc.by_responsible, respName)}</ul></div>
     </div>`;
+  fitTables();
 }
 
 async function loadRooms(mine) {
@@ -193,7 +205,7 @@ async function loadRooms(mine) {
   if (mine !== renderSeq || !$("rooms-box")) return;
   $("tab-rooms").querySelector("span").textContent = `(${total})`;
   const report = can("handling");
-  $("rooms-box").innerHTML = `<table id="rooms" class="cards"><thead><tr>${sortHead(st, "room", t("room"))}${sortHead(st, "unit", t("unit"))}
+  $("rooms-box").innerHTML = `<div class="fit"><table id="rooms" class="cards"><thead><tr>${sortHead(st, "room", t("room"))}${sortHead(st, "unit", t("unit"))}
       <th>${esc(t("pic"))}</th>${sortHead(st, "state", t("state"))}${sortHead(st, "problems", t("devices"))}${sortHead(st, "last_seen", t("last_seen"))}<th>${esc(t("clock"))}</th></tr></thead><tbody>` +
     (rows.map((a) => `<tr data-agent="${esc(a.agent)}">
       ${td(t("room"), `<a href="#/room/${encodeURIComponent(a.agent || a.room)}">${esc(a.room_name || a.room || a.agent)}</a><br><small>${esc(a.agent)}</small>`)}
@@ -201,7 +213,8 @@ async function loadRooms(mine) {
       ${td(t("state"), stateCell(a))}
       ${td(t("devices"), a.devices.map((d) => deviceChip(d, a.agent) + (report && a.agent && d.status !== "missing" ? ` <button type="button" class="report small" data-agent="${esc(a.agent)}" data-device="${esc(d.key)}">${esc(t("report_handling"))}</button>` : "")).join(" ") || esc(t("none_yet")))}
       ${td(t("last_seen"), esc(fmt(a.heard_at)))}${td(t("clock"), clockFlag(a))}</tr>`).join("") ||
-      `<tr><td colspan="7">${esc(t("none_yet"))}</td></tr>`) + `</tbody></table>${pager("rooms", total, st)}`;
+      `<tr><td colspan="7">${esc(t("none_yet"))}</td></tr>`) + `</tbody></table></div>${pager("rooms", total, st)}`;
+  fitTables();
 }
 
 function incidentRows(rows) {
@@ -221,10 +234,11 @@ async function loadIncidents(mine) {
     since: localDateToUtc(st.since, false), until: localDateToUtc(st.until, true), sort: st.sort, order: st.order, limit: st.limit, offset: st.offset}));
   if (mine !== renderSeq || !$("inc-box")) return;
   $("tab-incidents").querySelector("span").textContent = `(${total})`;
-  $("inc-box").innerHTML = `<table id="incidents" class="cards"><thead><tr>${sortHead(st, "opened_at", t("opened"))}${sortHead(st, "device", t("device"))}
+  $("inc-box").innerHTML = `<div class="fit"><table id="incidents" class="cards"><thead><tr>${sortHead(st, "opened_at", t("opened"))}${sortHead(st, "device", t("device"))}
       ${sortHead(st, "kind", t("kind"))}${sortHead(st, "cause", t("cause"))}${sortHead(st, "responsible", t("responsible"))}${sortHead(st, "unit", t("unit"))}
       <th>${esc(t("pic"))}</th>${sortHead(st, "status", t("status"))}</tr></thead><tbody>` +
-    (incidentRows(rows) || `<tr><td colspan="8">${esc(t("none_yet"))}</td></tr>`) + `</tbody></table>${pager("inc", total, st)}`;
+    (incidentRows(rows) || `<tr><td colspan="8">${esc(t("none_yet"))}</td></tr>`) + `</tbody></table></div>${pager("inc", total, st)}`;
+  fitTables();
 }
 
 // ---------------------------------------------------------------- room
@@ -524,6 +538,7 @@ function live() {
   $("lang").addEventListener("click", () => { lang = lang === "id" ? "en" : "id"; localStorage.setItem("pantau.lang", lang); applyLang(); view.innerHTML = ""; render(); });
   $("logout").addEventListener("click", async () => { await post("/api/logout", {}); location.replace("/login"); });
   window.addEventListener("hashchange", () => { view.innerHTML = ""; render(); });
+  window.addEventListener("resize", fitTables);
   await render();
   live();
 })();
