@@ -260,7 +260,7 @@ class Classifier:
             moved = {a: t for a, t in self.keep_from.items() if t > self.cut.get(a, float("-inf"))}
             if not moved:
                 return
-            with self.store.tx() as db:
+            with self.store.tx(lead=True) as db:
                 db.executemany("UPDATE agents SET horizon = ? WHERE agent = ?", [(t, a) for a, t in moved.items()])
             for agent, t in moved.items():
                 self.cut[agent] = t

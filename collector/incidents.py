@@ -75,7 +75,7 @@ class IncidentBook:
         (nothing can reopen it any more). A final incident is never withdrawn, revised or reopened, and a
         computed incident in that zone, or made of a final one's remains, is not recorded."""
         actions: list[tuple[str, str]] = []  # (incident id, action), in the order they happened
-        with self.store.tx() as db:
+        with self.store.tx(lead=True) as db:  # only the classifying collector's (LostLead otherwise)
 
             def record(iid: str, action: str, detail: dict[str, Any]) -> None:
                 audit.append(db, now, "pantau", iid, action, detail)

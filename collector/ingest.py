@@ -1,9 +1,10 @@
 """The collector's pipeline in one process: the ingestor stores, the classifier decides.
 
 ``Collector`` wires an ``Ingestor`` (validate, dedup, store) to a ``Classifier`` (policy on each
-agent's own clock) exactly as ingest workers and the main process are wired across processes:
-the classifier is fed committed evidence only. Transport-free: the MQTT subscriber,
-replay-through-the-live-path tests and the benchmarks all call ``Collector.ingest``.
+agent's own clock): the classifier is fed committed evidence only (with several collectors on one
+PostgreSQL, only the one holding the lead classifies, following what every collector stored).
+Transport-free: the MQTT subscriber, replay-through-the-live-path tests and the benchmarks all call
+``Collector.ingest``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,17 @@ from collector.classifier import Classifier
 from collector.incidents import IncidentBook
 from collector.ingestor import Inbound, Ingestor, Stored
 from collector.policy import Windows
-from collector.store.sqlite import SqliteStore
+from collector.store.sqlite import SqliteStore, StoreError
 
 __all__ = ["Collector", "Inbound", "Stored"]
+
+
+def _take_lead(store: Any) -> None:
+    """A classifying collector holds the lead of its store (PostgreSQL; on SQLite it is the only one)."""
+    try_lead = getattr(store, "try_lead", None)
+    if try_lead is not None and not try_lead():
+        raise StoreError("another collector classifies on this database: this one may only ingest "
+                         "(as a collector sharing it does)")
 
 
 class Collector:
@@ -31,16 +40,18 @@ class Collector:
         # people's decisions (override, acknowledge) go through the book in every collector; the
         # classifier's changes through the same book, so its listeners (notifications) hear both
         self.book = IncidentBook(store, lang)
-        # in an ingest worker the main process classifies, following the store; with several collectors on
-        # one PostgreSQL, the one holding the lead (``start_classifying``)
+        # with several collectors on one PostgreSQL, only the one holding the lead classifies
+        # (``start_classifying``), following the store
         self.classifier: Classifier | None = None
         if classify:
+            _take_lead(store)
             self.classifier = Classifier(store, windows, lang, classify_every_s, self.book)
             self.ingestor.listeners.append(self.classifier.accept)
 
     def start_classifying(self) -> None:
         """Become the classifier, from what is stored (as at a restart); fed by ``follow``."""
         if self.classifier is None:
+            _take_lead(self.store)
             self.classifier = Classifier(self.store, self.windows, self.lang, self.classify_every_s, self.book)
 
     def stop_classifying(self) -> None:

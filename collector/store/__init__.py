@@ -10,7 +10,7 @@ import sqlite3
 import sys
 from typing import Any
 
-from collector.store.sqlite import Retention, SqliteStore, StoreError
+from collector.store.sqlite import LostLead, Retention, SqliteStore, StoreError
 
 Store = Any  # SqliteStore or PostgresStore: the same methods (see each module)
 
@@ -31,10 +31,10 @@ def open_store(db: str, retention: Retention | None = None) -> Store:
 
 def store_failure(exc: BaseException) -> bool:
     """Errors of the store itself: the batch is retried, never dead-lettered."""
-    if isinstance(exc, sqlite3.OperationalError | MemoryError) or type(exc) is sqlite3.DatabaseError:
+    if isinstance(exc, sqlite3.OperationalError | MemoryError | LostLead) or type(exc) is sqlite3.DatabaseError:
         return True
     psycopg = sys.modules.get("psycopg")
     return psycopg is not None and isinstance(exc, psycopg.OperationalError | psycopg.errors.InFailedSqlTransaction)
 
 
-__all__ = ["Retention", "SqliteStore", "Store", "StoreError", "is_postgres", "open_store", "store_failure"]
+__all__ = ["LostLead", "Retention", "SqliteStore", "Store", "StoreError", "is_postgres", "open_store", "store_failure"]

@@ -32,7 +32,7 @@ from psycopg import pq
 from psycopg.adapt import Buffer, Loader
 
 from collector.store.shared import SharedStore, dicts
-from collector.store.sqlite import Retention, StoreError
+from collector.store.sqlite import LostLead, Retention, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -338,10 +338,16 @@ class PostgresStore(SharedStore):
 
     # ------------------------------------------------------------------ transactions
     @contextmanager
-    def tx(self) -> Iterator[Connection]:
-        """One write transaction, applied after every other collector's (``WRITE_LOCK``)."""
+    def tx(self, lead: bool = False) -> Iterator[Connection]:
+        """One write transaction, applied after every other collector's (``WRITE_LOCK``).
+
+        ``lead``: a classifying write (incidents, horizons). It is made only on the connection that holds
+        the lead lock: once that connection was lost (and the lock with it, so another collector may lead
+        now) it raises ``LostLead`` and writes nothing, until ``try_lead`` takes the lead again."""
         with self.lock:
             db = self._ensure()
+            if lead and not self.leading:
+                raise LostLead("this collector does not hold the lead: another one classifies")
             db.execute("BEGIN")
             try:
                 db.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))

@@ -88,7 +88,7 @@ class SharedStore:
     _ROLLUP: str  # one metric of one table into one resolution: the store's own SQL (see each store)
     retention: Any
 
-    def tx(self) -> Any:
+    def tx(self, lead: bool = False) -> Any:
         raise NotImplementedError
 
     def roll_up_and_expire(self, now: float) -> None:

@@ -149,6 +149,10 @@ class StoreError(RuntimeError):
     """The store cannot be opened: one line saying which file and why."""
 
 
+class LostLead(RuntimeError):
+    """A classifying write refused: this collector no longer holds the lead (another one classifies)."""
+
+
 class SqliteStore(SharedStore):
     def __init__(self, path: str, retention: Retention | None = None) -> None:
         self.path = path
@@ -189,8 +193,11 @@ class SqliteStore(SharedStore):
                 self.db.executescript(f"BEGIN; {MIGRATIONS[n]}; PRAGMA user_version = {n + 1}; COMMIT;")
 
     @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """One transaction; COMMIT inside it, so a commit that fails (a full disk) rolls back too."""
+    def tx(self, lead: bool = False) -> Iterator[sqlite3.Connection]:
+        """One transaction; COMMIT inside it, so a commit that fails (a full disk) rolls back too.
+
+        ``lead``: a classifying write, which only the leading collector may make — on SQLite, always
+        this one (one collector per file)."""
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
