@@ -12,6 +12,7 @@ from typing import Any
 
 from agent import __version__
 from agent.config import AgentConfig, ConfigError, load
+from common.config import read_toml
 
 DEFAULT_ROOM: dict[str, Any] = {
     "devices": [
@@ -160,16 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "enroll":
         return _enroll(args)
     overrides: dict[str, Any] = {}
-    if args.cmd == "simulate":
-        bus = args.bus or os.environ.get("PANTAU_SIMULATED_BUS") or os.path.join("var", "sim", "room.json")
-        if not os.path.exists(bus):
-            os.makedirs(os.path.dirname(os.path.abspath(bus)), exist_ok=True)
-            with open(bus, "w", encoding="utf-8") as fh:
-                json.dump(DEFAULT_ROOM, fh, indent=2)
-        overrides = {"usb_backend": "simulated", "simulated_bus": bus}
-        if not os.environ.get("PANTAU_STATE_DIR"):
-            overrides["state_dir"] = os.path.join("var", "agent")
     try:
+        if args.cmd == "simulate":  # the config's own bus and state folder, else ones beside the working folder
+            path = args.config or os.environ.get("PANTAU_CONFIG")
+            given = read_toml(path) if path else {}
+            bus = (args.bus or os.environ.get("PANTAU_SIMULATED_BUS") or given.get("simulated_bus")
+                   or os.path.join("var", "sim", "room.json"))
+            if not isinstance(bus, str):
+                raise ConfigError(f"config: simulated_bus: {bus!r} must be a string")
+            if not os.path.exists(bus):
+                os.makedirs(os.path.dirname(os.path.abspath(bus)), exist_ok=True)
+                with open(bus, "w", encoding="utf-8") as fh:
+                    json.dump(DEFAULT_ROOM, fh, indent=2)
+            overrides = {"usb_backend": "simulated", "simulated_bus": bus}
+            if not os.environ.get("PANTAU_STATE_DIR") and "state_dir" not in given:
+                overrides["state_dir"] = os.path.join("var", "agent")
         cfg = load(args.config, **overrides)
     except ConfigError as exc:
         print(f"pantau-agent: {exc}", file=sys.stderr)

@@ -69,9 +69,14 @@ class AgentConfig:
         return dev.get("kind") in self.watch_kinds
 
 
-_FLOATS = {"poll_s", "telemetry_s", "recover_quiet_s", "reconnect_max_s", "self_test_settle_s",
-           "self_test_min_interval_s", "self_test_retry_s", "self_test_first_frame_s", "self_test_audio_s"}
-_INTS = {"spool_max_events", "spool_max_bytes", "spool_memory_max_events", "inflight_max", "self_test_frames"}
+# seconds: above 0, at most this (telemetry_s as the protocol's interval_s allows)
+_FLOATS: dict[str, float] = {"poll_s": 3600.0, "telemetry_s": 604800.0, "recover_quiet_s": 7 * 86400.0,
+                             "reconnect_max_s": 3600.0, "self_test_settle_s": 86400.0,
+                             "self_test_min_interval_s": 30 * 86400.0, "self_test_retry_s": 86400.0,
+                             "self_test_first_frame_s": 300.0, "self_test_audio_s": 300.0}
+# whole numbers from 1 to this (inflight_max: MQTT has 65,535 packet ids)
+_INTS: dict[str, int] = {"spool_max_events": 1_000_000_000, "spool_max_bytes": 2**50,
+                         "spool_memory_max_events": 10_000_000, "inflight_max": 65535, "self_test_frames": 10_000}
 _BOOLS = {"self_test"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _LISTS = {"watch_kinds", "watch_vidpid", "meeting_processes"}
@@ -86,22 +91,30 @@ def _coerce(name: str, value: Any, from_env: bool) -> Any:
                 return value.strip().lower() in _TRUE
             raise ValueError("must be true or false")
         if name in _FLOATS:
-            v = float(value)
-            if not v > 0:
-                raise ValueError("must be > 0")
+            top = _FLOATS[name]
+            try:
+                v = float(value) if not isinstance(value, bool) else float("nan")
+            except (TypeError, ValueError):
+                v = float("nan")
+            if not 0 < v <= top:  # also refuses nan and infinity
+                raise ValueError(f"must be a number of seconds above 0, at most {top:g}")
             return v
         if name in _INTS:
-            if isinstance(value, bool):
-                raise ValueError("must be an integer")
-            v2 = int(value)
-            if v2 < 1:
-                raise ValueError("must be >= 1")
-            return v2
+            most = _INTS[name]
+            if isinstance(value, str) and value.strip().lstrip("+").isdigit():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise ValueError(f"must be a whole number from 1 to {most}")
+            return value
         if name in _LISTS:
+            if not isinstance(value, str | list | tuple):
+                raise ValueError("must be a list of strings (or one comma-separated string)")
             items = [s.strip() for s in value.split(",")] if isinstance(value, str) else list(value)
             if not all(isinstance(s, str) for s in items):
                 raise ValueError("must be a list of strings")
             return tuple(s for s in items if s)
+        if name == "mqtt_version" and value == 5 and not isinstance(value, bool):
+            return "5"  # mqtt_version = 5, a TOML number
         if name == "labels":
             if isinstance(value, str):
                 pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]

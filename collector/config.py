@@ -12,6 +12,7 @@ from typing import Any
 from collector.policy import Windows
 from collector.store import is_postgres
 from common.config import ConfigError, parse_broker, read_toml
+from common.protocol import check_prefix
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,10 @@ def _coerce(name: str, value: Any, from_env: bool) -> Any:
         raise ConfigError(f"config: {src}: {value!r} must be a number from {flo:g} to {fhi:g}") from None
     except TypeError:
         raise ConfigError(f"config: {src}: {value!r} must be true or false") from None
+    if name == "mqtt_version" and value == 5 and not isinstance(value, bool):
+        return "5"  # mqtt_version = 5, a TOML number
     if not isinstance(value, str):
-        raise ConfigError(f"config: {src}: must be a string")
+        raise ConfigError(f"config: {src}: {value!r} must be a string")
     return value
 
 
@@ -164,6 +167,10 @@ def load(path: str | None = None, env: dict[str, str] | None = None, **overrides
         raise ConfigError(f"config: http: {cfg.http!r} must look like 127.0.0.1:8080") from None
     if cfg.mqtt_version not in ("auto", "5", "3.1.1"):
         raise ConfigError(f"config: mqtt_version: {cfg.mqtt_version!r} must be auto, 5 or 3.1.1")
+    try:
+        check_prefix(cfg.prefix)
+    except ValueError as exc:
+        raise ConfigError(f"config: prefix: {exc}") from None
     if cfg.lang not in ("id", "en"):
         raise ConfigError(f"config: lang: {cfg.lang!r} must be id or en")
     if cfg.influx_url and not cfg.influx_bucket:

@@ -31,7 +31,7 @@ def parse_broker(url: str, key: str = "broker") -> Broker:
         port = u.port
     except ValueError as exc:
         raise ConfigError(f"config: {key}: {url!r} is not a broker URL ({exc})") from None
-    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+    if u.scheme not in ("mqtt", "mqtts") or not u.hostname or port == 0:
         raise ConfigError(f"config: {key}: {url!r} must look like mqtt://host:1883 or mqtts://host:8883")
     return Broker(u.scheme, u.hostname, port or (8883 if u.scheme == "mqtts" else 1883),
                   unquote(u.username) if u.username else None, unquote(u.password) if u.password else None)
@@ -41,8 +41,14 @@ def read_toml(path: str, what: str = "config", error: type[ValueError] = ConfigE
     """A TOML file as a dict; ``error`` with one clear line if it cannot be read or parsed."""
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            raw = fh.read()
     except OSError as exc:
         raise error(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 with a byte-order mark, as some Windows editors save it
+        raw = raw[3:]
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{what}: {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise error(f"{what}: {path} is not valid TOML: {exc}") from None

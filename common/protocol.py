@@ -793,6 +793,15 @@ def decode_message(topic: str, raw: bytes | str | dict[str, Any], prefix: str | 
 # ---------------------------------------------------------------- builders
 
 
+def clean_text(s: object) -> str | None:
+    """A string a device reports (serial, vendor, product), without control characters (cheap devices pad
+    serials with NULs) and surrounding blanks; None when nothing is left."""
+    if not isinstance(s, str):
+        return None
+    s = _CONTROL_CHARS.sub("", s).strip()
+    return s or None
+
+
 def device_key(vid: str, pid: str, serial: str | None, port: str) -> str:
     """``vid:pid:serial``, or ``vid:pid@port`` without a readable serial."""
     if serial and serial.strip():

@@ -89,6 +89,20 @@ def test_simulated_devices_never_read_the_real_sysfs(tmp_path: Path) -> None:
     assert d["key"] == "046d:0843@1-2" and d["serial"] is None
 
 
+def test_descriptor_strings_and_numbers_read_back_as_a_device_reports_them(tmp_path: Path) -> None:
+    """A NUL-padded serial (common on cheap devices) gives a key the protocol accepts; firmware is BCD;
+    a SuperSpeed device's best speed is at least what it negotiated."""
+    from common.protocol import check_device
+
+    bus = tmp_path / "bus.json"
+    write_bus(bus, {**CAMERA, "serial": "ABC\u0000\u0000", "product": "Cam\u0007 X ", "firmware": "10.00"},
+              {**{k: v for k, v in SPEAKER.items() if k != "max_speed"}, "port": "2-1", "speed": "super"})
+    cam, spk = sorted(Prober(SimulatedBackend(BusFile(str(bus)))).probe(), key=lambda d: d["port"])
+    assert (cam["key"], cam["serial"], cam["product"], cam["firmware"]) == ("046d:0843:ABC", "ABC", "Cam X", "10.00")
+    check_device(cam, "device")  # valid on the wire
+    assert (spk["speed"], spk["max_speed"]) == ("super", "super")
+
+
 def test_hung_device_keeps_its_identity(tmp_path: Path) -> None:
     bus = tmp_path / "bus.json"
     write_bus(bus, CAMERA)

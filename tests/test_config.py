@@ -34,6 +34,10 @@ def test_example_files_load(tmp_path: Path) -> None:
     ({"PANTAU_WATCH_VIDPID": "46d:843"}, "watch_vidpid"),
     ({"PANTAU_CA_FILE": "/nonexistent.crt"}, "ca_file"),
     ({"PANTAU_MQTT_VERSION": "4"}, "mqtt_version"),
+    ({"PANTAU_POLL_S": "inf"}, "PANTAU_POLL_S"),  # passed "> 0", then stopped the agent with a traceback
+    ({"PANTAU_TELEMETRY_S": "1e9"}, "PANTAU_TELEMETRY_S"),  # beyond the protocol's interval_s
+    ({"PANTAU_INFLIGHT_MAX": "70000"}, "PANTAU_INFLIGHT_MAX"),
+    ({"PANTAU_BROKER": "mqtt://x:0"}, "broker"),
 ])
 def test_agent_errors_name_the_key(env: dict[str, str], key: str) -> None:
     with pytest.raises(ConfigError) as ei:
@@ -75,3 +79,60 @@ def test_help_and_version(cmd: str) -> None:
     assert run_cli(cmd, "--help").returncode == 0
     v = run_cli(cmd, "--version")
     assert v.returncode == 0 and "1.1.0" in v.stdout
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("poll_s = true\n", "poll_s"),
+    ("spool_max_events = 2.7\n", "spool_max_events"),
+    ('watch_kinds = {camera = 1}\n', "watch_kinds"),
+    ("telemetry_s = inf\n", "telemetry_s"),
+])
+def test_agent_file_values_of_the_wrong_type_are_refused(tmp_path: Path, text: str, key: str) -> None:
+    f = tmp_path / "a.toml"
+    f.write_text('agent_id = "room-1"\n' + text)
+    with pytest.raises(ConfigError) as ei:
+        load_agent(str(f), env={})
+    assert str(ei.value).startswith(f"config: {key}: ") and "\n" not in str(ei.value)
+
+
+def test_config_files_as_windows_editors_save_them(tmp_path: Path) -> None:
+    f = tmp_path / "a.toml"
+    f.write_bytes(b"\xef\xbb\xbfagent_id = \"room-1\"\nmqtt_version = 5\n")  # UTF-8 with a BOM, 5 a number
+    assert (load_agent(str(f), env={}).agent_id, load_agent(str(f), env={}).mqtt_version) == ("room-1", "5")
+    f.write_bytes('agent_id = "room-1"\nlabels = {room = "Ruang \xe9"}\n'.encode("cp1252"))  # "ANSI"
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_agent(str(f), env={})
+    c = tmp_path / "c.toml"
+    c.write_text('prefix = "a/b"\n')
+    with pytest.raises(ConfigError, match="config: prefix: "):
+        load_collector(str(c), env={})
+    c.write_text("mqtt_version = 5\n")
+    assert load_collector(str(c), env={}).mqtt_version == "5"
+
+
+def test_simulate_uses_the_configs_bus_and_state_folder(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    bus, state = tmp_path / "bus.json", tmp_path / "state"
+    bus.write_text(json.dumps({"devices": []}))
+    cfg = tmp_path / "sim.toml"
+    cfg.write_text(f'agent_id = "room-1"\nsimulated_bus = "{bus}"\nstate_dir = "{state}"\n'
+                   'broker = "mqtt://127.0.0.1:1"\nself_test = false\n')
+    work = tmp_path / "cwd"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PANTAU_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "--config", str(cfg), "simulate"], cwd=work,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not state.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=20)[1]
+    assert state.is_dir() and not (work / "var").exists(), err

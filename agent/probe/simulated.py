@@ -23,7 +23,8 @@ import usb.core
 log = logging.getLogger(__name__)
 
 SPEED_CODES = {"unknown": 0, "low": 1, "full": 2, "high": 3, "super": 4, "super_plus": 5}
-BCD_USB = {"low": 0x0110, "full": 0x0110, "high": 0x0200, "super": 0x0300, "super_plus": 0x0320}
+# bcdUSB by the best speed: USB 1.1 covers low and full alike (both read back as full, as on real hardware)
+BCD_USB = {"low": 0x0110, "full": 0x0110, "high": 0x0200, "super": 0x0300, "super_plus": 0x0320, "unknown": 0}
 KINDS = ("camera", "speakerphone", "speaker", "microphone", "other")
 SELF_TEST_MODES = {"video": ("live", "frozen", "no_frames"), "audio": ("live", "silent", "none")}
 
@@ -157,12 +158,14 @@ class SimulatedBackend(usb.backend.IBackend):
         strings = 1 if dev.get("vendor") else 0, 2 if dev.get("product") else 0, 3 if dev.get("serial") else 0
         fw = str(dev.get("firmware", "1.00"))
         major, _, minor = fw.partition(".")
-        try:
-            bcd_dev = (int(major or 0) << 8) | int((minor or "0")[:2].ljust(2, "0"), 16)
+        try:  # binary-coded decimal, as the device reports it: "10.00" is 0x1000
+            bcd_dev = (int((major or "0")[-2:], 16) << 8) | int((minor or "0")[:2].ljust(2, "0"), 16)
         except ValueError:
             bcd_dev = 0x0100
+        speed = dev.get("speed", "high")
+        best = dev.get("max_speed", speed if speed in ("super", "super_plus") else "high")
         return _Desc(
-            bLength=18, bDescriptorType=1, bcdUSB=BCD_USB.get(dev.get("max_speed", "high"), 0x0200),
+            bLength=18, bDescriptorType=1, bcdUSB=BCD_USB.get(best, 0x0200),
             bDeviceClass=0xEF, bDeviceSubClass=2, bDeviceProtocol=1, bMaxPacketSize0=64,
             idVendor=dev["_vid"], idProduct=dev["_pid"], bcdDevice=bcd_dev,
             iManufacturer=strings[0], iProduct=strings[1], iSerialNumber=strings[2], bNumConfigurations=1,

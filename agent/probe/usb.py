@@ -13,7 +13,7 @@ from typing import Any
 import usb.core
 import usb.util
 
-from common.protocol import device_key
+from common.protocol import clean_text, device_key
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +108,13 @@ def _string(dev: Any, index: int, langid: int | None, failures: list[int]) -> st
         return None
     except (ValueError, NotImplementedError, OSError):
         return None
-    return s.strip() if isinstance(s, str) and s.strip() else None
+    return clean_text(s)
 
 
 def _sysfs(sysfs_root: str, port: str, attr: str) -> str | None:
     try:
         with open(os.path.join(sysfs_root, "bus/usb/devices", port, attr), encoding="utf-8", errors="replace") as fh:
-            v = fh.read().strip()
-            return v or None
+            return clean_text(fh.read())
     except OSError:
         return None
 
