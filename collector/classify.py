@@ -129,6 +129,14 @@ def _family(ev: Evidence) -> str | None:
     return ERROR_CODES.get(code) if isinstance(code, str) else None
 
 
+def _has_serial(dev: DeviceObject | None, key: str) -> bool:
+    """A ``null`` or empty ``serial`` means no serial; without the member, the key says (``vid:pid@port``)."""
+    if dev is not None and "serial" in dev:
+        s = dev.get("serial")
+        return isinstance(s, str) and bool(s.strip())
+    return "@" not in key
+
+
 def _is_trouble_error(ev: Evidence) -> bool:
     return ev.type == "device.error" and _family(ev) in ("link", "device")
 
@@ -287,7 +295,7 @@ class _Facts:
             self.seen[key].append(i)
             port = ev.device.get("port") if ev.device else None
             prev = last_port.get(key)
-            if "@" not in key and prev is not None and isinstance(port, str) and port != prev:
+            if _has_serial(ev.device, key) and prev is not None and isinstance(port, str) and port != prev:
                 self.marks[key].append(ev)
         elif t == "handling.reported":
             if not ev.mismatch:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from collector.capture import Unparseable, parse_line
 from collector.classify import Incident, evaluate, sort_key
@@ -34,6 +35,7 @@ class Replayer:
         self.clocks = AgentClocks()
         self.result = ReplayResult()
         self._seen: set[tuple[str, str, int]] = set()  # every applied message's (agent, boot, seq)
+        self._waiting: dict[str, list[Any]] = {}  # agent -> wills that came before anything dated from it
 
     def feed(self, topic: str, payload: bytes | dict, received_at: str | None = None) -> str:
         """Apply one message; returns "applied", "duplicate" or "rejected:<reason>"."""
@@ -56,9 +58,16 @@ class Replayer:
             hist = self.histories[msg.agent] = AgentHistory(msg.agent)
         if msg.ts is not None and not is_dashboard_boot(msg.boot):
             hist.note(msg.boot, ts_seconds(msg.ts))
+        if msg.ts is None and not stamp:  # a will before anything dated: it takes the agent's first clock
+            self._waiting.setdefault(msg.agent, []).append(msg)
         ev = evidence_from(msg, stamp) if stamp else None
         if ev is not None:
             hist.add(ev)
+        if msg.ts is not None and msg.agent in self._waiting and msg.agent in self.clocks.ts:
+            for will in self._waiting.pop(msg.agent):
+                late = evidence_from(will, self.clocks.ts[msg.agent])
+                if late is not None:
+                    hist.add(late)
         self.result.applied += 1
         return "applied"
 
@@ -98,14 +107,21 @@ def replay_stream(stream: IO[str], windows: Windows | None = None) -> ReplayResu
 
 def run(path: str, lang: str = "id", windows: Windows | None = None, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
-    try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+    try:  # lines end at "\n" only (a bare CR is JSON whitespace inside a line; CRLF is stripped per line)
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
             result = replay_stream(fh, windows)
     except OSError as exc:
         print(f"pantau-collector replay: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    for inc in result.incidents:
-        out.write(json.dumps(inc.to_json(lang), ensure_ascii=False, allow_nan=False) + "\n")
+    # UTF-8 where the output takes it; \u escapes (the same JSON) where it does not
+    ascii_only = (getattr(out, "encoding", None) or "utf-8").lower().replace("-", "") != "utf8"
+    try:
+        for inc in result.incidents:
+            out.write(json.dumps(inc.to_json(lang), ensure_ascii=ascii_only, allow_nan=False) + "\n")
+        out.flush()
+    except BrokenPipeError:  # the reader went away (`| head`): what it took is what it wanted
+        if out is sys.stdout:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     rejected = ", ".join(f"{k}={v}" for k, v in sorted(result.rejected.items())) or "none"
     print(
         f"replay: {result.lines} lines, {result.applied} applied, {result.unparseable} unparseable, "

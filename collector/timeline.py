@@ -122,7 +122,9 @@ class AgentHistory:
             if ev.type == "agent.started" and ev.boot not in self._started:
                 self._started[ev.boot] = ev
             first = self._first.get(ev.boot)
-            if first is None or ev.ts < first:
+            if ev.seq == WILL_SEQ:  # a will's stamp is no time of its boot's: it orders nothing
+                self._first.setdefault(ev.boot, float("inf"))
+            elif first is None or ev.ts < first:
                 self._first[ev.boot] = ev.ts
         self._ordered = self._rank = None
         return True

@@ -22,7 +22,7 @@ from collector.notify import Notifier, NotifyConfig
 from collector.registry import RegistryError, load_toml, lookup
 from collector.store.sqlite import SqliteStore
 from tests.builder import CAM, REGISTRY, SPK, Agent, feed
-from tests.conftest import EXAMPLES, free_port, run_cli
+from tests.conftest import EXAMPLES, ROOT, free_port, run_cli
 from tests.web_helpers import open_test_store
 
 
@@ -228,6 +228,48 @@ def test_replay_counts_bad_lines_and_never_fails_on_them(tmp_path: Path) -> None
     assert "device fault" in json.loads(out.stdout)["summary"] or "failure" in json.loads(out.stdout)["summary"]
     missing = run_cli("collector.cli", "replay", str(tmp_path / "nope.jsonl"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_replay_takes_hostile_and_windows_made_captures(tmp_path: Path) -> None:
+    """Found by trying replay as a hostile user: none of this is fatal, and each form means the same."""
+    a = Agent().started()
+    a.error(0.5, CAM, "video.stream_error")
+    good = a.lines[-1]
+    deep = '{"topic": "pantau/v1/agents/room-1/events", "payload": ' + "[" * 1000 + "]" * 1000 + "}"
+    started = json.loads(a.lines[0])
+    p = started["payload"]
+    repeated = '{"topic": ' + json.dumps(started["topic"]) + ', "payload": {"seq": 99, ' + json.dumps(p)[1:] + "}"
+    cap = tmp_path / "c.jsonl"
+    cap.write_bytes(("\ufeff" + "\n".join(a.lines[:-1]) + "\n" + deep + "\n" + repeated + "\n"
+                     + good.replace(", ", ",\r ") + "\r\n").encode())
+    out = run_cli("collector.cli", "replay", str(cap))
+    assert out.returncode == 0, out.stderr
+    [inc] = [json.loads(line) for line in out.stdout.splitlines()]
+    assert inc["rule"] == "H1"  # the BOM did not cost the agent.started (30 s after it: host-wide)
+    assert "1 unparseable" in out.stderr and "duplicate_key=1" in out.stderr  # as in the other two forms
+    mq = tmp_path / "m.txt"
+    mq.write_text("  " + started["topic"] + " " + json.dumps(p) + "\n")
+    assert "1 applied" in run_cli("collector.cli", "replay", str(mq)).stderr
+
+
+def test_replay_output_into_a_closed_pipe_or_an_ascii_terminal(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    lines: list[str] = []
+    for n in range(300):
+        a = Agent(f"ruang-{n:03d}", f"bootpipe{n:04d}", lines).started()
+        a.error(30, {**CAM, "product": "Kamera Ü"}, "video.stream_error")
+    cap = tmp_path / "many.jsonl"
+    cap.write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    out = run_cli("collector.cli", "replay", str(cap), env=env)
+    assert out.returncode == 0 and "Traceback" not in out.stderr
+    assert len([json.loads(x) for x in out.stdout.splitlines()]) == 300
+    proc = subprocess.run(f"{sys.executable} -m collector.cli replay {cap} | head -1", shell=True, cwd=cap.parent,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "BrokenPipe" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_handling_reported_at_the_dashboard_marks_the_device(collector: Collector) -> None:

@@ -402,3 +402,50 @@ def test_a_detach_seen_in_a_boot_without_inventory_is_judged_by_that_detach(tmp_
     assert (inc["rule"], inc["opened_at"]) == ("M1", ts(25))  # the detach's own in_use, not a derived one
     assert [(e["type"], e["boot"]) for e in inc["evidence"]] == [
         ("device.detached", "bootb00000001"), ("agent.started", "bootc00000001")]
+
+
+def test_a_will_arriving_first_is_still_the_last_word_of_its_boot(tmp_path: Path) -> None:
+    """Arrival order changes nothing: a will received before anything dated from its agent ends its boot."""
+    def capture(will_first: bool) -> str:
+        lines: list[str] = []
+        a = Agent(lines=lines).started(devices=[CAM, SPK])
+        a.detach(10, CAM)  # its window is pending when the boot ends (the will)
+        a.will()
+        will = lines.pop()
+        b = a.restart("bootnext00001")
+        b.telemetry(25, [])  # a later boot, seen only in telemetry that is no evidence: its clock passes 20
+        return "\n".join(([will] if will_first else []) + lines + ([] if will_first else [will])) + "\n"
+
+    assert incidents(capture(True), tmp_path / "a") == incidents(capture(False), tmp_path / "b") == []
+
+
+def test_a_wills_receive_time_orders_no_boot(tmp_path: Path) -> None:
+    """received_at is kept, but no rule reads it: a will stamped with it does not date its boot."""
+    lines: list[str] = []
+    y = Agent(boot="bootyyyy0001", lines=lines)
+    will = y.will()
+    lines[-1] = json.dumps({"topic": json.loads(lines[-1])["topic"], "payload": will,
+                            "received_at": "2026-11-30T00:00:00.000Z"})
+    x = Agent(boot="bootxxxx0001", lines=lines)
+    x.error(120, CAM, "video.stream_error")
+    y.event("device.recovered", 180, CAM, error={"code": "video.stream_error"})
+    with_rx = replay("\n".join(lines) + "\n")
+    lines[0] = json.dumps({"topic": json.loads(lines[0])["topic"], "payload": will})
+    without = replay("\n".join(lines) + "\n")
+    assert [(i["rule"], i["resolved_at"]) for i in with_rx] == [(i["rule"], i["resolved_at"]) for i in without] == [
+        ("D2", ts(180))]
+
+
+def test_a_null_or_empty_serial_means_no_serial_whatever_the_key(tmp_path: Path) -> None:
+    """The port-move mark needs a serial: the device object's serial says, not an '@' in the key."""
+    def rule(serial: str | None, key: str) -> str:
+        dev = {**CAM, "serial": serial, "key": key}
+        a = Agent().started(devices=[dev])
+        a.detach(10, dev)
+        a.attach(10.5, {**dev, "port": "3-9"})  # moved to another port: a mark, if it has a serial
+        a.error(60, {**dev, "port": "3-9"}, "video.stream_error")
+        [inc] = incidents(a.text(), tmp_path / key.replace(":", "_").replace("@", "_"))
+        return str(inc["rule"])
+
+    assert rule("SN@1", "046d:085e:SN@1") == "D1"
+    assert rule("", "046d:085e:S1") == "D2"
