@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from agent.usage import DEFAULT_MEETING_PROCESSES
-from common.config import Broker, ConfigError, parse_broker, read_toml
+from common.config import Broker, ConfigError, name_the_source, parse_broker, read_toml
 from common.protocol import DEFAULT_PREFIX, check_prefix, valid_agent_id
 
 
@@ -142,13 +142,19 @@ def load(path: str | None = None, env: dict[str, str] | None = None, **overrides
             if k not in names:
                 raise ConfigError(f"config: {k}: unknown key (known: {', '.join(sorted(names))})")
             values[k] = _coerce(k, v, False)
+    from_env: set[str] = set()
     for name in names:
         ev = env.get(f"PANTAU_{name.upper()}")
         if ev is not None and ev != "":
             values[name] = _coerce(name, ev, True)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+            from_env.add(name)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
     cfg = AgentConfig(**values)
-    _validate(cfg)
+    try:
+        _validate(cfg)
+    except ConfigError as exc:
+        raise name_the_source(exc, from_env - set(given)) from None
     return cfg
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from collector.policy import Windows
 from collector.store import is_postgres
-from common.config import ConfigError, parse_broker, read_toml
+from common.config import ConfigError, name_the_source, parse_broker, read_toml
 from common.protocol import check_prefix
 
 
@@ -152,12 +152,23 @@ def load(path: str | None = None, env: dict[str, str] | None = None, **overrides
                     raise ConfigError(f"config: {exc}") from None
             else:
                 values[k] = _coerce(k, v, False)
+    from_env: set[str] = set()
     for name in names - {"windows"}:
         ev = env.get(f"PANTAU_{name.upper()}")
         if ev:
             values[name] = _coerce(name, ev, True)
-    values.update({k: _coerce(k, v, False) if k != "windows" else v for k, v in overrides.items() if v is not None})
+            from_env.add(name)
+    given = {k: _coerce(k, v, False) if k != "windows" else v for k, v in overrides.items() if v is not None}
+    values.update(given)
     cfg = CollectorConfig(**values)
+    try:
+        _validate(cfg)
+    except ConfigError as exc:
+        raise name_the_source(exc, from_env - set(given)) from None
+    return cfg
+
+
+def _validate(cfg: CollectorConfig) -> None:
     parse_broker(cfg.broker)
     try:
         _, port = cfg.http_host_port
@@ -203,7 +214,6 @@ def load(path: str | None = None, env: dict[str, str] | None = None, **overrides
     if "://" in cfg.db and not is_postgres(cfg.db):
         raise ConfigError(f"config: db: {cfg.db.split('://')[0]}:// is not a store: give a file path or "
                           "postgresql://user:password@host/dbname")
-    return cfg
 
 
 _HEADER_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")

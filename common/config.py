@@ -37,6 +37,16 @@ def parse_broker(url: str, key: str = "broker") -> Broker:
                   unquote(u.username) if u.username else None, unquote(u.password) if u.password else None)
 
 
+def name_the_source(exc: ConfigError, from_env: set[str]) -> ConfigError:
+    """``exc`` saying ``PANTAU_<KEY>`` beside the key when that key's value came from the environment."""
+    text = str(exc)
+    for key in from_env:
+        head = f"config: {key}:"
+        if text.startswith(head):
+            return ConfigError(f"config: {key} (from PANTAU_{key.upper()}):{text[len(head):]}")
+    return exc
+
+
 def read_toml(path: str, what: str = "config", error: type[ValueError] = ConfigError) -> dict[str, Any]:
     """A TOML file as a dict; ``error`` with one clear line if it cannot be read or parsed."""
     try:

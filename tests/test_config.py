@@ -136,3 +136,10 @@ def test_simulate_uses_the_configs_bus_and_state_folder(tmp_path: Path) -> None:
         proc.terminate()
         err = proc.communicate(timeout=20)[1]
     assert state.is_dir() and not (work / "var").exists(), err
+
+
+def test_a_whole_config_check_names_the_variable_a_value_came_from() -> None:
+    with pytest.raises(ConfigError, match=r"^config: agent_id \(from PANTAU_AGENT_ID\): 'Bad!'"):
+        load_agent(env={"PANTAU_AGENT_ID": "Bad!"})
+    with pytest.raises(ConfigError, match=r"^config: http \(from PANTAU_HTTP\): "):
+        load_collector(env={"PANTAU_HTTP": "nowhere"})
