@@ -103,6 +103,8 @@ def _coerce(name: str, value: Any, from_env: bool) -> Any:
             most = _INTS[name]
             if isinstance(value, str) and value.strip().lstrip("+").isdigit():
                 value = int(value)
+            elif isinstance(value, float) and value.is_integer():
+                value = int(value)  # 5.0 is a whole number; 2.7 is not
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
                 raise ValueError(f"must be a whole number from 1 to {most}")
             return value
