@@ -320,19 +320,29 @@ def audit_trail(r: Queryable, incident_id: str) -> list[dict[str, Any]]:
     return rows
 
 
-def device_info(r: Queryable, key: str, agent: str | None = None) -> dict[str, Any] | None:
-    """The latest device object seen for ``key`` (an inventory now, else its latest event)."""
-    if agent:
-        rows = r.query("SELECT inventory FROM agents WHERE agent = ?", (agent,))
-        for d in json.loads(rows[0]["inventory"] or "[]") if rows else []:
-            if isinstance(d, dict) and d.get("key") == key:
-                return d
-    rows = r.query("SELECT payload FROM evidence WHERE device = ? ORDER BY id DESC LIMIT 1", (key,))
+def device_info(r: Queryable, key: str, agent: str | None) -> dict[str, Any] | None:
+    """The latest device object ``agent`` reported for ``key`` (in its inventory now, else its latest event);
+    None without a room PC (what another PC saw is that PC's reader's to see)."""
+    if not agent:
+        return None
+    rows = r.query("SELECT inventory FROM agents WHERE agent = ?", (agent,))
+    for d in json.loads(rows[0]["inventory"] or "[]") if rows else []:
+        if isinstance(d, dict) and d.get("key") == key:
+            return d
+    rows = r.query("SELECT payload FROM evidence WHERE device = ? AND agent = ? ORDER BY id DESC LIMIT 1",
+                   (key, agent))
     if rows:
         d = _loads(rows[0]["payload"]).get("device")
         if isinstance(d, dict):
             return d
     return None
+
+
+def lent_to_room_of(r: Queryable, key: str, agent: str) -> bool:
+    """Whether ``key`` (or its serial) is lent to the room of ``agent``."""
+    serial = key.split(":", 2)[2] if key.count(":") >= 2 else key
+    return bool(r.query("SELECT 1 FROM loans l JOIN rooms m ON m.id = l.room WHERE (l.device = ? OR l.device = ?) "
+                        "AND m.agent = ? LIMIT 1", (key, serial, agent)))
 
 
 def device_agents(r: Queryable, key: str) -> list[str]:

@@ -14,6 +14,7 @@ import json
 import time
 from typing import Any, Literal
 
+import anyio
 from fastapi import APIRouter, HTTPException, Query, Request
 from starlette.responses import Response, StreamingResponse
 
@@ -28,7 +29,7 @@ from collector.policy import (
     RULES_BY_ID,
 )
 from collector.registry import lookup
-from collector.web.auth import Identity, Reading, state_of
+from collector.web.auth import Identity, Reading, resolve, state_of
 from collector.web.views import SafeJSONResponse, WebState, sees_unit
 from common.protocol import ERROR_CODES, format_epoch
 
@@ -199,14 +200,17 @@ def _device_places(st: WebState, ident: Identity, key: str) -> list[str]:
 
 
 def _device_place(st: WebState, ident: Identity, key: str, agent: str | None) -> tuple[str | None, dict[str, Any]]:
+    """Where to show a device (the room PC named, else the latest that saw it) and its registry entry; 404
+    for a device nobody saw or lent, a PC of another unit, or a PC that neither saw the device nor has it
+    lent to its room."""
+    if agent and (not sees_unit(ident.user, queries.unit_of_agent(st.reader, agent))
+                  or (agent not in queries.device_agents(st.reader, key)
+                      and not queries.lent_to_room_of(st.reader, key, agent))):
+        raise HTTPException(404, f"no device {key}")
     places = _device_places(st, ident, key)
-    if agent and not sees_unit(ident.user, queries.unit_of_agent(st.reader, agent)):
-        raise HTTPException(404, f"no device {key}")  # a PC of another unit, named by the caller
-    if agent and agent not in places:
-        places = [agent, *places]
     where = agent or (places[0] if places else None)
     reg = lookup(st.reader, key, where)
-    known = bool(places) or reg["registered"]
+    known = bool(places) or reg["registered"] or agent is not None
     if not known or not sees_unit(ident.user, reg["unit"]):
         raise HTTPException(404, f"no device {key}")
     return where, reg
@@ -345,23 +349,45 @@ def _filename(name: str) -> str:
 # ---------------------------------------------------------------- the change feed
 
 
+FEED_RECHECK_S = 2.0  # how often an open change feed checks that its reader is still signed in
+
+
 @router.get("/api/events", tags=["fleet"], response_class=StreamingResponse,
             summary="Server-sent events: which room PCs and incidents changed (a PIC: their unit's only)")
 async def events(request: Request, ident: Reading) -> StreamingResponse:
     st = state_of(request)
     sub = st.feed.subscribe(ident.user)
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    caller = request.state.caller
+    who = (ident.user.name, ident.user.role, ident.user.unit)
+
+    async def still_signed_in() -> bool:
+        """The session or token that opened the stream still stands for the same account, role and unit
+        (signed out, disabled or changed: the stream ends, and the page asks again)."""
+        again, _ = await anyio.to_thread.run_sync(resolve, st, headers, caller)
+        return again is not None and (again.user.name, again.user.role, again.user.unit) == who
 
     async def stream() -> Any:
         try:
             yield b"retry: 1000\n: ready\n\n"
+            checked = quiet = time.monotonic()
             while not st.closing.is_set():
+                msg: dict[str, Any] | bool | None
                 try:
-                    msg = await asyncio.wait_for(sub.queue.get(), 15)
+                    msg = await asyncio.wait_for(sub.queue.get(), FEED_RECHECK_S)
                 except TimeoutError:
-                    yield b": keep-alive\n\n"
-                    continue
-                if msg is None:
+                    msg = False  # nothing came
+                now = time.monotonic()
+                if msg is None or (now - checked >= FEED_RECHECK_S and not await still_signed_in()):
                     break
+                if now - checked >= FEED_RECHECK_S:
+                    checked = now
+                if msg is False:
+                    if now - quiet >= 15:
+                        quiet = now
+                        yield b": keep-alive\n\n"
+                    continue
+                quiet = now
                 yield f"event: change\ndata: {json.dumps(msg, separators=(',', ':'))}\n\n".encode()
         finally:
             st.feed.unsubscribe(sub)
