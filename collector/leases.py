@@ -26,7 +26,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from collector import audit, enroll
-from collector.registry import Queryable, RegistryError
+from collector.registry import NoLoan, Queryable, RegistryError
 from collector.store import Store
 from collector.store.sqlite import dumps
 from common.protocol import now_ts
@@ -264,13 +264,18 @@ def record_return(store: Store, device: str, by: str, at: str | None = None) -> 
     return snapshot is taken at once. Audited."""
     at = at or now_ts()
     try:
-        datetime.fromisoformat(at.replace("Z", "+00:00"))
+        when = datetime.fromisoformat(at.replace("Z", "+00:00"))
+        if when.tzinfo is None:
+            raise ValueError
     except ValueError:
-        raise RegistryError(f"loan: returned_at {at!r} must be an RFC 3339 time like 2026-01-05T10:00:00Z") from None
+        raise RegistryError(f"loan: returned_at {at!r} must be an RFC 3339 time with its zone, like "
+                            "2026-01-05T10:00:00Z") from None
+    if when.timestamp() > time.time() + 300:
+        raise RegistryError(f"loan: returned_at {at!r} is in the future: record a return when it happened")
     with store.tx() as db:
         if db.execute("UPDATE loans SET returned_at = ?, source = 'api', updated_by = ?, updated_at = ? "
                       "WHERE device = ?", (at, by, now_ts(), device)).rowcount != 1:
-            raise RegistryError(f"loan: no loan of {device!r}")
+            raise NoLoan(f"loan: no loan of {device!r}")
         audit.append(db, now_ts(), by, None, "loan.returned", {"device": device, "returned_at": at})
     sweep(store)
     return snapshots(store, device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -57,18 +58,28 @@ class QueryError(ValueError):
     """A query parameter that cannot be used: one line saying which and why."""
 
 
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_ZONED = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?[+-]\d{2}:\d{2}$")
+
+
 def parse_time(value: str | None, name: str) -> str | None:
-    """An RFC 3339 time or a date (``YYYY-MM-DD``, midnight UTC) as the store writes times, or None."""
+    """An RFC 3339 time (with its zone: ``Z`` or ``±hh:mm``) or a date (``YYYY-MM-DD``, midnight UTC) as the
+    store writes times, or None. A time without a zone is refused: it would mean the server's local time."""
     if value is None or value == "":
         return None
     v = value.strip()
     try:
-        if len(v) == 10:
+        if _DATE.match(v):
             t = datetime.strptime(v, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+        elif v.endswith("Z"):
+            t = ts_seconds(v)
         else:
-            t = ts_seconds(v) if v.endswith("Z") else datetime.fromisoformat(v).timestamp()
+            if not _ZONED.match(v):
+                raise ValueError
+            t = datetime.fromisoformat(v).timestamp()
     except (ValueError, ProtocolError, OverflowError):
-        raise QueryError(f"{name}: {value[:40]!r} is not a date (YYYY-MM-DD) or an RFC 3339 time") from None
+        raise QueryError(f"{name}: {value[:40]!r} is not a date (YYYY-MM-DD) or an RFC 3339 time with its zone "
+                         "(Z or +07:00)") from None
     if not 946684800 <= t <= 4102444800:
         raise QueryError(f"{name}: {value[:40]!r} is outside 2000-2100")
     return format_epoch(t)

@@ -101,6 +101,15 @@ def load(store: Store, data: dict[str, Any]) -> int:
     return len(rows_l)
 
 
+def _loan_row(db: Any, device: str) -> dict[str, Any]:
+    cur = db.execute("SELECT * FROM loans WHERE device = ?", (device,))
+    return dict(zip([d[0] for d in cur.description], cur.fetchone(), strict=True))
+
+
+class NoLoan(RegistryError):
+    """No loan of the device named."""
+
+
 def update_loan(store: Store, device: str, changes: dict[str, Any], by: str, at: str) -> dict[str, Any]:
     """Create a loan or change only the fields in ``changes`` (None clears one); audited as ``by``."""
     if not isinstance(device, str) or not device.strip() or len(device) > 200 or _CONTROL.search(device):
@@ -128,6 +137,8 @@ def update_loan(store: Store, device: str, changes: dict[str, Any], by: str, at:
         new = {**(old or dict.fromkeys(LOAN_FIELDS)), **changes}
         if not new["unit"]:
             raise RegistryError("loan: a new loan needs its unit")
+        if new["lease_start"] and new["lease_end"] and new["lease_end"] < new["lease_start"]:
+            raise RegistryError(f"loan: lease_end {new['lease_end']} is before lease_start {new['lease_start']}")
         if not db.execute("SELECT 1 FROM units WHERE id = ?", (new["unit"],)).fetchone():
             raise RegistryError(f"loan: unit {new['unit']!r} is not registered")
         if new["room"] is not None:
@@ -137,6 +148,8 @@ def update_loan(store: Store, device: str, changes: dict[str, Any], by: str, at:
             if room[0] != new["unit"]:
                 raise RegistryError(f"loan: room {new['room']!r} belongs to unit {room[0]!r}, not {new['unit']!r}")
         changed = {k: [(old or {}).get(k), new[k]] for k in LOAN_FIELDS if (old or {}).get(k) != new[k]}
+        if old is not None and not changed:  # nothing to record: no write, no audit entry
+            return _loan_row(db, device)
         if old is not None and "lease_start" in changed:  # a new lease period: the device is lent again
             back = db.execute("SELECT returned_at FROM loans WHERE device = ?", (device,)).fetchone()
             if back and back[0]:

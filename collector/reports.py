@@ -48,6 +48,8 @@ class Period:
 
 def month(value: str) -> Period:
     try:
+        if len(value) != 7:  # strptime takes "2026-1" too
+            raise ValueError
         d = datetime.strptime(value, "%Y-%m").replace(tzinfo=UTC)
     except ValueError:
         raise QueryError(f"month: {value[:20]!r} must be YYYY-MM") from None

@@ -79,6 +79,10 @@ def _row_user(r: dict[str, Any]) -> User:
 def check_password_strength(password: str) -> None:
     if len(password) < MIN_PASSWORD:
         raise UserError(f"a password needs at least {MIN_PASSWORD} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in password):
+        raise UserError("a password cannot hold control characters")
+    if len(set(password.strip())) < 3:
+        raise UserError("a password needs at least three different characters besides spaces")
 
 
 def add(store: Store, name: str, role: str, unit: str | None, password: str | None, by: str) -> User:
@@ -97,6 +101,9 @@ def add(store: Store, name: str, role: str, unit: str | None, password: str | No
     with store.tx() as db:
         if db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
             raise UserError(f"user {name!r} exists already")
+        if unit and not db.execute("SELECT 1 FROM units WHERE id = ?", (unit,)).fetchone():
+            raise UserError(f"unit {unit!r} is not in the registry (units come from the registry file: load it "
+                            "first)")
         db.execute("INSERT INTO users (name, role, unit, password, disabled, created_at) VALUES (?,?,?,?,0,?)",
                    (name, role, unit, hashed, at))
         audit.append(db, at, by, None, "user.added", {"user": name, "role": role, "unit": unit})

@@ -290,7 +290,8 @@ def test_tokens_accounts_and_lease_ends_on_each_store(tmp_path: Path, store_db: 
         leases.record_return(store, "046d:085e:CAM1", "ops")  # its sweep ends the account at once
         assert broker.enabled["room-1"] is False and enroll.accounts(store)[0]["disabled_reason"] == "lease ended"
         assert leases.lease_accounts(store, settings) == {"disabled": [], "enabled": []}  # once
-        registry.update_loan(store, "046d:085e:CAM1", {"lease_start": "2099-01-01"}, "ops", now_ts())
+        registry.update_loan(store, "046d:085e:CAM1", {"lease_start": "2099-01-01", "lease_end": "2099-12-31"}, "ops",
+                             now_ts())
         assert leases.lease_accounts(store, settings)["enabled"] == ["room-1"]
         assert enroll.accounts(store)[0]["disabled_at"] is None and broker.enabled["room-1"] is True
 

@@ -148,6 +148,8 @@ def test_http_snapshots_return_and_flags(store: Store) -> None:
     feed(c, lines)
     leases.sweep(store)
     op = token_for(store, "ops", "operator")
+    with store.tx() as db:  # another unit, lending nothing here
+        db.execute("INSERT INTO units (id, name) VALUES ('bpsdm', 'BPSDM')")
     other = token_for(store, "citra", "pic", "bpsdm")
     web = WebServer(c, "127.0.0.1", 0)
     web.start()
@@ -157,7 +159,7 @@ def test_http_snapshots_return_and_flags(store: Store) -> None:
             r = h.post(f"/api/loans/{SPK['key']}/return", json={}, headers=auth)
             assert r.status_code == 200, r.text
             assert r.json()["periods"][0]["return"]["agent"] == "room-1"
-            assert h.post("/api/loans/nope/return", json={}, headers=auth).status_code == 400
+            assert h.post("/api/loans/nope/return", json={}, headers=auth).status_code == 404
             snap = h.get(f"/api/loans/{SPK['key']}/snapshots", headers=auth).json()
             assert snap["periods"][0]["out"]["identity"]["kind"] == "speakerphone"
             # a PIC of another unit: as if it did not exist

@@ -347,6 +347,13 @@ def test_user_commands(tmp_path: Path, store_db: str) -> None:
     short = run_cli("collector.cli", "user", "add", "budi", "--role", "viewer", "--password-stdin", env=env,
                     input="pendek\n")
     assert short.returncode == 2 and "at least" in short.stderr
+    for weak in (" " * 12, "\x00" * 12, "aaaaaaaaaaaa"):
+        r = run_cli("collector.cli", "user", "add", "budi", "--role", "viewer", "--password-stdin", env=env,
+                    input=weak + "\n")
+        assert r.returncode == 2 and "password" in r.stderr, repr(weak)
+    nounit = run_cli("collector.cli", "user", "add", "budi", "--role", "pic", "--unit", "nowhere", "--password-stdin",
+                     env=env, input=PASSWORD + "\n")
+    assert nounit.returncode == 2 and "'nowhere' is not in the registry" in nounit.stderr
     token = run_cli("collector.cli", "user", "token", "ani", env=env).stdout.strip()
     assert token.startswith("pt_")
     listing = run_cli("collector.cli", "user", "list", env=env).stdout

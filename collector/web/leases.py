@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from collector import leases
-from collector.registry import RegistryError
+from collector.registry import NoLoan, RegistryError
 from collector.web.auth import Identity, Reading, need, state_of
 from collector.web.views import sees_unit
 
@@ -38,7 +38,7 @@ def record_return(device: str, body: ReturnBody, request: Request, ident: Lendin
     try:
         return leases.record_return(state_of(request).store, device, ident.user.name, body.returned_at)
     except RegistryError as exc:
-        raise HTTPException(400, str(exc)) from None
+        raise HTTPException(404 if isinstance(exc, NoLoan) else 400, str(exc)) from None
 
 
 @router.get("/api/leases/flags", summary="Lent devices seen in another room; unlent devices on enrolled room PCs")

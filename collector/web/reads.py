@@ -67,6 +67,15 @@ def _bad(exc: Exception) -> HTTPException:
     return HTTPException(400, str(exc))
 
 
+def _one_of(name: str, value: str | None, allowed: Any) -> str | None:
+    """A filter's value, one of ``allowed`` (an empty value is no filter); 400 otherwise."""
+    if value is None or value == "":
+        return None
+    if value not in allowed:
+        raise HTTPException(400, f"{name}: {value[:40]!r} must be one of {', '.join(str(a) for a in allowed if a)}")
+    return value
+
+
 def _page(rows: list[Any], total: int, started: float) -> SafeJSONResponse:
     return SafeJSONResponse(rows, headers={"X-Total-Count": str(total),
                                            "Server-Timing": f"db;dur={(time.perf_counter() - started) * 1000:.1f}"})
@@ -114,6 +123,7 @@ def rooms_now(request: Request, ident: Reading, unit: str | None = None, q: str 
               offset: int = Offset) -> Response:
     started = time.perf_counter()
     st = state_of(request)
+    kind = _one_of("kind", kind, DEVICE_KIND_NAMES["en"])
     rooms = _rooms(st, _scope(ident, unit))
     try:
         rows = fleet.sort_rooms([r for r in rooms if fleet.room_matches(r, q, status, kind, model)], sort, order)
@@ -147,6 +157,9 @@ def incidents(request: Request, ident: Reading,
               since: str | None = None, until: str | None = None, sort: str = "opened_at",
               order: Literal["asc", "desc"] = "desc", limit: int = Limit, offset: int = Offset) -> Response:
     started = time.perf_counter()
+    cause = _one_of("cause", cause, CAUSE_NAMES["en"])
+    responsible = _one_of("responsible", responsible, RESPONSIBLE_NAMES["en"])
+    kind = _one_of("kind", kind, INCIDENT_KIND_NAMES["en"])
     iq = queries.IncidentQuery(unit=_scope(ident, unit), status=status or ("all" if all else None), cause=cause,
                                responsible=responsible, kind=kind, model=model, agent=agent, device=device, q=q,
                                since=since, until=until, sort=sort, order=order, limit=limit, offset=offset)
