@@ -48,6 +48,7 @@ class _Pipe:
         self.lock = threading.Lock()
         self.next_id = 0
         self.owners: dict[int, Receiver] = {}
+        self.members: list[Receiver] = []  # every receiver of this process, idle or not
         self.closed = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -68,8 +69,11 @@ class _Pipe:
             try:
                 batch_id = self.conn.recv()
             except (EOFError, OSError):
-                self.closed.set()  # the writer is gone: what is unacknowledged comes back on the next session
-                for r in list(self.owners.values()):
+                # the writer is gone (killed, even -9): every receiver of this process stops, idle ones too —
+                # left running they would take the restarted collector's client ids from it, again and again.
+                # What is unacknowledged comes back on the next session.
+                self.closed.set()
+                for r in [*self.owners.values(), *self.members]:
                     r._stop.set()
                 return
             with self.lock:
@@ -110,6 +114,9 @@ class Receiver:
         self._inflight: dict[int, list[tuple[int, int, int]]] = {}
         self._unacked = 0
         self._stop = threading.Event()
+        pipe.members.append(self)
+        if pipe.closed.is_set():  # the writer went before this receiver was made
+            self._stop.set()
         # each receiver is its own broker account (<username>-r<index>, same password): the shipped broker
         # ties the client id to the account, so receivers sharing one would take each other's connection
         self.mqtt = Connector(
@@ -152,7 +159,7 @@ class Receiver:
                 "connected": self.mqtt.connected.is_set(), "down_since_s": (
                     None if self.mqtt.down_since is None else time.monotonic() - self.mqtt.down_since),
                 "last_error": self.mqtt.last_error, "protocol": self.mqtt.protocol_name,
-                "taken_over": self.mqtt.taken_over})
+                "taken_over": self.mqtt.taken_over, "disconnects": self.mqtt.disconnects})
 
     def _may_read(self) -> bool:
         return not self._stop.is_set() and self._unacked < MAX_UNACKED

@@ -30,6 +30,7 @@ COMMIT_EVERY = 2000  # messages per transaction, at most
 LEFTOVER = 8  # sessions of receivers (and of the worker processes of earlier releases) an earlier configuration
 # may have left, looked for at start: a member of the group that nobody reads would keep taking its share
 RESTART_DELAY_S = 1.0
+FLAPPING_DROPS, FLAPPING_S = 5, 60.0  # this many losses of the broker within this long: health says so
 
 
 class Writer(BatchStoring):
@@ -46,6 +47,7 @@ class Writer(BatchStoring):
         self._stop = threading.Event()
         self._closing = False
         self.status: dict[int, tuple[dict[str, Any], float]] = {}  # receiver -> (its last status, when)
+        self._drops: dict[int, list[tuple[float, int]]] = {}  # receiver -> its latest connection losses
         self.unreachable_s = 30.0
         self.started_at = time.monotonic()
         self.received = 0
@@ -78,7 +80,12 @@ class Writer(BatchStoring):
                 break
             head, body = pickle.loads(data)
             if head == "status":  # how the receiver's broker connection stands
-                self.status[i] = (body, time.monotonic())
+                now = time.monotonic()
+                self.status[i] = (body, now)
+                drops = self._drops.setdefault(i, [])
+                if body.get("disconnects") and (not drops or body["disconnects"] > drops[-1][1]):
+                    drops.append((now, body["disconnects"]))
+                    del drops[:-FLAPPING_DROPS]
                 continue
             self.q.put((i, head, body, time.monotonic()))
         if i >= self.n:
@@ -153,6 +160,12 @@ class Writer(BatchStoring):
             if down is not None and down > self.unreachable_s:
                 out.append(f"receiver {i} not connected to the MQTT broker {broker} for {down:.0f} s: "
                            f"{st.get('last_error') or 'connecting'}")
+            drops = self._drops.get(i, [])
+            if len(drops) >= FLAPPING_DROPS and now - drops[0][0] <= FLAPPING_S:
+                out.append(f"receiver {i} lost the MQTT broker {FLAPPING_DROPS} times within {FLAPPING_S:.0f} s "
+                           f"({st.get('last_error') or 'reconnecting'}): is another process using client id "
+                           f"{self.cfg.client_id}-r{i} (a collector left running, or a second one with this "
+                           "configuration)?")
         return out
 
     def stats(self) -> dict[str, Any]:

@@ -62,3 +62,57 @@ def test_health_names_a_broker_the_receivers_cannot_reach(tmp_path: Path) -> Non
     finally:
         w.stop()
         store.close()
+
+
+def test_receivers_end_with_their_collector_even_when_it_is_killed(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Left running after a kill -9, idle receivers took the restarted collector's client ids from it, again
+    and again (the broker hands a client id to its newest connection)."""
+    import os
+
+    import psutil
+
+    from tests.procs import start_collector
+
+    proc, _ = start_collector(tmp_path, mosquitto.url)
+    try:
+        wait_until(lambda: len(psutil.Process(proc.p.pid).children()) >= 2 and "receiver 1 started" in
+                   (tmp_path / "collector.log").read_text(), 30, what="two receivers started")
+        kids = [c.pid for c in psutil.Process(proc.p.pid).children() if "receiver" in " ".join(c.cmdline())
+                or c.name().startswith("python")]
+        assert kids
+        proc.kill9()
+        deadline = time.monotonic() + 10
+        while any(psutil.pid_exists(k) and psutil.Process(k).status() != psutil.STATUS_ZOMBIE for k in kids) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = [k for k in kids if psutil.pid_exists(k) and psutil.Process(k).status() != psutil.STATUS_ZOMBIE]
+        for k in alive:
+            os.kill(k, 9)
+        assert not alive, f"receivers {alive} outlived their collector"
+    finally:
+        proc.term()
+
+
+def test_health_names_a_receiver_whose_client_id_another_process_keeps_taking(tmp_path: Path,
+                                                                            mosquitto: Mosquitto) -> None:
+    import httpx
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from tests.procs import start_collector
+
+    proc, url = start_collector(tmp_path, mosquitto.url)
+    impostor = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="pantau-collector-r1", clean_session=True)
+    try:
+        wait_until(lambda: "receiver 1 started" in (tmp_path / "collector.log").read_text(), 30,
+                   what="receivers started")
+        wait_until(lambda: httpx.get(url + "/healthz", timeout=5).status_code == 200, 30, what="healthy")
+        impostor.reconnect_delay_set(0.2, 0.5)
+        impostor.connect("127.0.0.1", mosquitto.port)
+        impostor.loop_start()  # both keep reconnecting: each connection takes the client id from the other
+        wait_until(lambda: "is another process using client id pantau-collector-r1" in
+                   httpx.get(url + "/healthz", timeout=5).text, 60, what="health naming the lost connections")
+    finally:
+        impostor.loop_stop()
+        impostor.disconnect()
+        proc.term()
