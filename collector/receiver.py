@@ -84,7 +84,8 @@ class _Pipe:
 
 class Receiver:
     def __init__(self, cfg: Any, index: int, pipe: _Pipe, drain: str | None = None) -> None:
-        """``drain``: instead of receiving, empty the session of client id ``<client_id>-<drain>`` that an
+        """``drain``: instead of receiving, empty the session of client id ``<client_id>-<drain>`` (``""``: the
+        in-process subscriber's own ``<client_id>``, left by ``receivers = 0``) that an
         earlier configuration left (more receivers then, or worker processes) and end it."""
         self.pipe = pipe
         self.index = index
@@ -103,8 +104,8 @@ class Receiver:
         self.topics = [f"$share/{group}/{base}telemetry"]
         if index == 0:
             self.topics += [base + ch for ch in sorted(KIND_OF_CHANNEL) if ch != "telemetry"]
-        suffix = drain or f"r{index}"
-        if drain:
+        suffix = f"r{index}" if drain is None else drain
+        if drain is not None:
             self.topics = []  # the session's subscriptions are the broker's
         self.last_message = time.monotonic()
         self._lock = threading.Lock()
@@ -120,16 +121,17 @@ class Receiver:
         # each receiver is its own broker account (<username>-r<index>, same password): the shipped broker
         # ties the client id to the account, so receivers sharing one would take each other's connection
         self.mqtt = Connector(
-            MqttOptions(broker=broker, client_id=f"{cfg.client_id}-{suffix}",
-                        username=f"{user}-{suffix}" if user else None, password=cfg.password or broker.password,
-                        ca_file=cfg.ca_file, version="5" if drain else receiver_version(cfg.mqtt_version),
-                        persistent=True, session_expiry_s=0 if drain else 7 * 24 * 3600, manual_ack=True,
+            MqttOptions(broker=broker, client_id=f"{cfg.client_id}-{suffix}" if suffix else cfg.client_id,
+                        username=(f"{user}-{suffix}" if suffix else user) if user else None,
+                        password=cfg.password or broker.password, ca_file=cfg.ca_file,
+                        version="5" if drain is not None else receiver_version(cfg.mqtt_version),
+                        persistent=True, session_expiry_s=0 if drain is not None else 7 * 24 * 3600, manual_ack=True,
                         reconnect_max_s=30.0),
             Handlers(on_connect=self._on_connect, on_disconnect=self._on_disconnect, on_message=self._on_message,
                      may_read=self._may_read))
 
     def _on_connect(self, session_present: bool) -> None:
-        if self.drain:  # resumed with expiry 0: what it holds is delivered now, and the session ends after
+        if self.drain is not None:  # resumed with expiry 0: what it holds is delivered now, and the session ends after
             if session_present:
                 log.warning("draining the broker session of %s, left by an earlier configuration (it would take "
                             "a share of the stream that nobody stores)", self.mqtt.opts.client_id)
@@ -152,7 +154,7 @@ class Receiver:
 
     def _status(self) -> None:
         """Tell the writer how the connection stands (its health names a broker that is away)."""
-        if self.drain:
+        if self.drain is not None:
             return
         with self._lock:
             self.pipe.status({
@@ -216,7 +218,7 @@ class Receiver:
     def run(self) -> None:
         threading.Thread(target=self._linger, daemon=True).start()
         self.mqtt.start()
-        if self.drain:
+        if self.drain is not None:
             self._run_drain()
         else:
             self._stop.wait()

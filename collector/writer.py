@@ -63,7 +63,8 @@ class Writer(BatchStoring):
             p = self._ctx.Process(target=receiver.main, args=(self.cfg, i, theirs), name=f"pantau-receiver-{i}",
                                   daemon=True)
         else:  # the sessions an earlier configuration left: emptied into the store, then ended
-            left = [f"r{k}" for k in range(self.n, self.n + LEFTOVER)] + [f"w{k}" for k in range(LEFTOVER)]
+            # "": the session of the collector's own client id, which receives in-process (receivers = 0)
+            left = ["", *(f"r{k}" for k in range(self.n, self.n + LEFTOVER)), *(f"w{k}" for k in range(LEFTOVER))]
             p = self._ctx.Process(target=receiver.drain_main, args=(self.cfg, left, theirs), name="pantau-drain",
                                   daemon=True)
         p.start()

@@ -10,7 +10,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.builder import usage_event
 from tests.conftest import Mosquitto
@@ -214,6 +216,39 @@ def test_a_batch_that_cannot_be_stored_is_retried_not_dropped(tmp_path: Path, mo
     finally:
         blocker.close()
         sub.stop()
+
+
+def test_receivers_after_receiving_in_process_drain_and_end_that_session(tmp_path: Path,
+                                                                          mosquitto: Mosquitto) -> None:
+    """receivers 0 -> 2: the in-process subscriber's own session would go on queueing everything for nobody
+    (up to the broker's cap). At start the collector empties it into the store and ends it."""
+    db = tmp_path / "collector.sqlite"
+    collector, _ = start_collector(tmp_path, mosquitto.url, PANTAU_RECEIVERS="0")
+    wait_until(lambda: "subscribed" in collector.log(), 30, what="the in-process subscriber")
+    collector.term()
+    pub = publisher(mosquitto.port)
+    for seq in range(1, 101):  # while no collector runs: queued in that session
+        pub.publish("pantau/v1/agents/load-1/events", usage_event(seq), qos=1).wait_for_publish(10)
+    collector, _ = start_collector(tmp_path, mosquitto.url)
+    try:
+        wait_until(lambda: "draining the broker session of pantau-collector," in collector.log(), 30,
+                   what="the in-process session drained")
+        wait_until(lambda: db_rows(db, "SELECT count(*) FROM seen")[0][0] == 100, 30, what="what it held")
+        time.sleep(2.0)  # the drain ends the session once it is empty
+        # MQTT 5, clean start off, session expiry 0: it resumes a session if one is there and leaves none behind
+        probe = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="pantau-collector", protocol=mqtt.MQTTv5)
+        present: list[bool] = []
+        probe.on_connect = lambda c, u, flags, rc, p: present.append(bool(flags.session_present))
+        probe.connect("127.0.0.1", mosquitto.port, clean_start=False)
+        probe.loop_start()
+        wait_until(lambda: bool(present), 10, what="the probe connected")
+        probe.loop_stop()
+        probe.disconnect()
+        assert present == [False], "the in-process subscriber's session is still there"
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        collector.term()
 
 
 def test_fewer_receivers_than_before_drain_and_end_the_sessions_left(tmp_path: Path, mosquitto: Mosquitto) -> None:
