@@ -268,6 +268,15 @@ def test_public_paths_headers_and_generated_openapi(site: Site) -> None:
         for p in ("/api/incidents/{id}/override", "/api/login", "/api/loans", "/healthz", "/metrics"):
             assert p in doc["paths"], p
         assert "by" not in json.dumps(doc["components"]["schemas"]["OverrideBody"]["properties"])
+        # the document says what the server answers: one-line errors, 400 (never 422), how to authenticate
+        assert "422" not in json.dumps(doc) and "HTTPValidationError" not in json.dumps(doc)
+        assert set(doc["components"]["securitySchemes"]) == {"bearer", "session"}
+        override = doc["paths"]["/api/incidents/{id}/override"]["post"]["responses"]
+        assert {"400", "401", "403", "404", "413"} <= set(override)
+        assert "429" in doc["paths"]["/api/login"]["post"]["responses"]
+        assert doc["paths"]["/healthz"]["get"]["security"] == []
+        r = b.get("/api/incidents?limit=many")
+        assert r.status_code == 400 and set(r.json()) == {"error"}
         assert b.get("/api/nope").status_code == 404
         r = b.post("/api/loans", {"device": "x", "unit": "setjen", "extra": "y" * (70 * 1024)})
         assert r.status_code == 413

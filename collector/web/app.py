@@ -84,6 +84,50 @@ def _one_line(exc: RequestValidationError) -> str:
     return f"{where}: {e.get('msg', 'invalid')}"
 
 
+_ERROR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _documented(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document as the server answers: errors are ``{"error": "one line"}`` with 400 for a bad
+    parameter or body (never 422), 401 without an identity, 403 for what the role, the origin, the content
+    type or a missing X-CSRF-Token refuses, 413 for a body over 64 KiB, 429 for sign-in tries; and how to
+    authenticate (a bearer token or the session cookie)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    comps = doc.setdefault("components", {})
+    schemas = comps.setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    schemas["Error"] = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+    comps["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"},
+                                "session": {"type": "apiKey", "in": "cookie", "name": auth.SESSION_COOKIE}}
+    doc["security"] = [{"bearer": []}, {"session": []}]
+    for path, ops in doc.get("paths", {}).items():
+        public = path in auth.PUBLIC_PATHS or path.startswith(auth.PUBLIC_PREFIXES) or path == "/metrics"
+        for method, op in ops.items():
+            answers = op.setdefault("responses", {})
+            answers.pop("422", None)
+            if op.get("parameters") or op.get("requestBody"):
+                answers["400"] = {"description": "a bad parameter or body, said in one line", **_ERROR}
+            if public or path in auth.OPEN_POSTS:
+                op["security"] = []
+            else:
+                answers["401"] = {"description": "no session or token, or one that ended", **_ERROR}
+                answers["403"] = {"description": "the role may not; or, for a change, not application/json, "
+                                                 "another site, or no X-CSRF-Token with a session", **_ERROR}
+            if method in ("post", "put", "patch", "delete"):
+                answers["413"] = {"description": "a body over 64 KiB", **_ERROR}
+            if "{" in path:
+                answers["404"] = {"description": "no such thing, or one of another unit (a PIC)", **_ERROR}
+            if path == "/api/login":
+                answers["429"] = {"description": "too many failed tries: wait (Retry-After)", **_ERROR}
+    app.openapi_schema = doc
+    return doc
+
+
 def create_app(collector: Any, settings: WebSettings | None = None,
                health: Callable[[], list[str]] | None = None) -> FastAPI:
     st = WebState(collector, settings or WebSettings(), health)
@@ -97,6 +141,8 @@ def create_app(collector: Any, settings: WebSettings | None = None,
     app.include_router(api.router)
     app.include_router(reads.router)
     app.include_router(enroll.router)  # enrollment, the agent installer, lease snapshots (collector/web/enroll.py)
+
+    app.openapi = lambda: _documented(app)  # type: ignore[method-assign]
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
