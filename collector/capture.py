@@ -52,16 +52,19 @@ def _record(text: str) -> dict[str, Any] | None:
         pass
     except (ValueError, RecursionError):  # not JSON, or nested too deep for the parser
         return None
-    members = json.loads(text, object_pairs_hook=_Members)
-    if not isinstance(members, _Members):
+    try:
+        members = json.loads(text, object_pairs_hook=_Members)
+        if not isinstance(members, _Members):
+            return None
+        rec = dict(members)
+        if len(rec) != len(members):
+            return None  # the record itself repeats a member: which topic or payload is meant?
+        if isinstance(rec.get("payload"), _Members):
+            rec["payload"] = _compact(rec["payload"])
+        elif "payload" in rec:
+            rec["payload"] = json.loads(_compact(rec["payload"]))
+    except RecursionError:  # a repeated member, and nesting too deep further on
         return None
-    rec = dict(members)
-    if len(rec) != len(members):
-        return None  # the record itself repeats a member: which topic or payload is meant?
-    if isinstance(rec.get("payload"), _Members):
-        rec["payload"] = _compact(rec["payload"])
-    elif "payload" in rec:
-        rec["payload"] = json.loads(_compact(rec["payload"]))
     return rec
 
 

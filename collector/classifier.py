@@ -24,7 +24,7 @@ from collector.classify import evaluate
 from collector.incidents import IncidentBook
 from collector.ingestor import MISMATCH, Stored
 from collector.policy import Windows
-from collector.store import store_failure
+from collector.store import LostLead, store_failure
 from collector.store.sqlite import SqliteStore
 from collector.timeline import AgentHistory, evidence_from
 from common.protocol import Message, ProtocolError, Topic, format_epoch, now_ts, ts_seconds, ts_seconds_or_none
@@ -203,9 +203,13 @@ class Classifier:
         with self.lock:
             self._last_classify = time.monotonic()
             dirty, self._dirty = self._dirty, set()
-            for agent in sorted(dirty):
+            for n, agent in enumerate(sorted(dirty)):
                 try:
                     self.classify(agent)
+                except LostLead:  # another collector classifies now: this one stops before its next write
+                    self._dirty |= set(sorted(dirty)[n:])
+                    log.info("not recording decisions: this collector no longer holds the lead")
+                    return
                 except Exception as exc:  # one agent's failure must not stop the others' decisions
                     if store_failure(exc):  # the store refused (a full disk, a lost connection): again later
                         log.warning("recording %s's incidents failed (%s); tried again", agent, exc)
@@ -260,8 +264,12 @@ class Classifier:
             moved = {a: t for a, t in self.keep_from.items() if t > self.cut.get(a, float("-inf"))}
             if not moved:
                 return
-            with self.store.tx(lead=True) as db:
-                db.executemany("UPDATE agents SET horizon = ? WHERE agent = ?", [(t, a) for a, t in moved.items()])
+            try:
+                with self.store.tx(lead=True) as db:
+                    db.executemany("UPDATE agents SET horizon = ? WHERE agent = ?",
+                                   [(t, a) for a, t in moved.items()])
+            except LostLead:  # another collector classifies now: it keeps the horizons
+                return
             for agent, t in moved.items():
                 self.cut[agent] = t
                 hist = self.histories.get(agent)

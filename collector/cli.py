@@ -226,8 +226,6 @@ def _user(cfg: Any, args: argparse.Namespace) -> int:
         if args.user_cmd == "add":
             password = _read_password() if args.password_stdin else None
             u = users.add(store, args.name, args.role, args.unit, password, by)
-            if u.unit and not store.query("SELECT 1 FROM units WHERE id = ?", (u.unit,)):
-                print(f"pantau-collector user: note: unit {u.unit!r} is not in the registry (yet)", file=sys.stderr)
             print(f"added {u.name} ({u.role}{', ' + u.unit if u.unit else ''})"
                   + ("" if password else ": no password; use `user password`, `user link` or `user token`"))
         elif args.user_cmd == "list":

@@ -94,6 +94,8 @@ def _coerce(name: str, value: Any, from_env: bool) -> Any:
     try:
         if name in _INTS:
             lo, hi = _INTS[name]
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)  # 5.0 is a whole number; 2.7 is not
             if isinstance(value, bool | float) or (
                     isinstance(value, str) and not value.strip().lstrip("+").isdigit()):
                 raise ValueError

@@ -29,7 +29,7 @@ from collector import audit, enroll
 from collector.registry import NoLoan, Queryable, RegistryError
 from collector.store import Store
 from collector.store.sqlite import dumps
-from common.protocol import now_ts
+from common.protocol import format_epoch, now_ts
 
 log = logging.getLogger(__name__)
 LEASE_ENDED = "lease ended"
@@ -272,6 +272,7 @@ def record_return(store: Store, device: str, by: str, at: str | None = None) -> 
                             "2026-01-05T10:00:00Z") from None
     if when.timestamp() > time.time() + 300:
         raise RegistryError(f"loan: returned_at {at!r} is in the future: record a return when it happened")
+    at = format_epoch(when.timestamp())  # stored in UTC, as every time the classifier reads
     with store.tx() as db:
         if db.execute("UPDATE loans SET returned_at = ?, source = 'api', updated_by = ?, updated_at = ? "
                       "WHERE device = ?", (at, by, now_ts(), device)).rowcount != 1:

@@ -216,6 +216,8 @@ class Receiver:
             self.mqtt.ack(mid, qos, generation)
 
     def run(self) -> None:
+        if self._stop.is_set():  # the writer went before this receiver ran: never take the client id
+            return
         threading.Thread(target=self._linger, daemon=True).start()
         self.mqtt.start()
         if self.drain is not None:

@@ -50,7 +50,8 @@ class Replayer:
             self.result.duplicates += 1
             return "duplicate"
         self._seen.add(ident)
-        # a will takes its agent's clock as it stands; received_at is kept but no rule reads it
+        # a will takes its agent's clock as it stands (before anything dated: its received_at, if valid, as the
+        # live collector takes its receive time; else the agent's first clock); received_at dates nothing else
         stamp = self.clocks.stamp(msg.agent, msg.ts, _valid_ts(received_at))
         if msg.ts is not None and not is_dashboard_boot(msg.boot):
             self.clocks.advance(msg.agent, msg.ts)

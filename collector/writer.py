@@ -47,7 +47,7 @@ class Writer(BatchStoring):
         self._stop = threading.Event()
         self._closing = False
         self.status: dict[int, tuple[dict[str, Any], float]] = {}  # receiver -> (its last status, when)
-        self._drops: dict[int, list[tuple[float, int]]] = {}  # receiver -> its latest connection losses
+        self._drops: dict[int, list[tuple[float, int]]] = {}  # receiver -> its counts of lost connections
         self.unreachable_s = 30.0
         self.started_at = time.monotonic()
         self.received = 0
@@ -59,6 +59,7 @@ class Writer(BatchStoring):
         from collector import receiver
 
         ours, theirs = self._ctx.Pipe(duplex=True)
+        self._drops.pop(i, None)  # a new process counts its lost connections from 0
         if i < self.n:
             p = self._ctx.Process(target=receiver.main, args=(self.cfg, i, theirs), name=f"pantau-receiver-{i}",
                                   daemon=True)
@@ -83,10 +84,10 @@ class Writer(BatchStoring):
             if head == "status":  # how the receiver's broker connection stands
                 now = time.monotonic()
                 self.status[i] = (body, now)
-                drops = self._drops.setdefault(i, [])
-                if body.get("disconnects") and (not drops or body["disconnects"] > drops[-1][1]):
-                    drops.append((now, body["disconnects"]))
-                    del drops[:-FLAPPING_DROPS]
+                seen = self._drops.setdefault(i, [])  # (when, its count of lost connections), the last minute's
+                seen.append((now, int(body.get("disconnects") or 0)))
+                while len(seen) > 1 and seen[1][0] <= now - FLAPPING_S:
+                    del seen[0]  # the oldest left is the count as it stood a minute ago
                 continue
             self.q.put((i, head, body, time.monotonic()))
         if i >= self.n:
@@ -161,8 +162,8 @@ class Writer(BatchStoring):
             if down is not None and down > self.unreachable_s:
                 out.append(f"receiver {i} not connected to the MQTT broker {broker} for {down:.0f} s: "
                            f"{st.get('last_error') or 'connecting'}")
-            drops = self._drops.get(i, [])
-            if len(drops) >= FLAPPING_DROPS and now - drops[0][0] <= FLAPPING_S:
+            seen = self._drops.get(i, [])
+            if seen and seen[-1][1] - seen[0][1] >= FLAPPING_DROPS:
                 out.append(f"receiver {i} lost the MQTT broker {FLAPPING_DROPS} times within {FLAPPING_S:.0f} s "
                            f"({st.get('last_error') or 'reconnecting'}): is another process using client id "
                            f"{self.cfg.client_id}-r{i} (a collector left running, or a second one with this "

@@ -235,18 +235,20 @@ def test_replay_takes_hostile_and_windows_made_captures(tmp_path: Path) -> None:
     a = Agent().started()
     a.error(0.5, CAM, "video.stream_error")
     good = a.lines[-1]
-    deep = '{"topic": "pantau/v1/agents/room-1/events", "payload": ' + "[" * 1000 + "]" * 1000 + "}"
+    deep = '{"topic": "pantau/v1/agents/room-1/events", "payload": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    deep_repeat = ('{"topic": "pantau/v1/agents/room-1/events", "x": {"a": 1, "a": 2}, "payload": '
+                   + "[" * 100_000 + "]" * 100_000 + "}")  # a repeat first, then nesting too deep
     started = json.loads(a.lines[0])
     p = started["payload"]
     repeated = '{"topic": ' + json.dumps(started["topic"]) + ', "payload": {"seq": 99, ' + json.dumps(p)[1:] + "}"
     cap = tmp_path / "c.jsonl"
-    cap.write_bytes(("\ufeff" + "\n".join(a.lines[:-1]) + "\n" + deep + "\n" + repeated + "\n"
+    cap.write_bytes(("\ufeff" + "\n".join(a.lines[:-1]) + "\n" + deep + "\n" + deep_repeat + "\n" + repeated + "\n"
                      + good.replace(", ", ",\r ") + "\r\n").encode())
     out = run_cli("collector.cli", "replay", str(cap))
     assert out.returncode == 0, out.stderr
     [inc] = [json.loads(line) for line in out.stdout.splitlines()]
     assert inc["rule"] == "H1"  # the BOM did not cost the agent.started (30 s after it: host-wide)
-    assert "1 unparseable" in out.stderr and "duplicate_key=1" in out.stderr  # as in the other two forms
+    assert "2 unparseable" in out.stderr and "duplicate_key=1" in out.stderr  # as in the other two forms
     mq = tmp_path / "m.txt"
     mq.write_text("  " + started["topic"] + " " + json.dumps(p) + "\n")
     assert "1 applied" in run_cli("collector.cli", "replay", str(mq)).stderr

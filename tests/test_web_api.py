@@ -101,9 +101,13 @@ def test_loans_change_only_what_is_given_are_audited_and_survive(site: tuple[Col
         r = b.post("/api/loans", {"device": "9999:0001:NEW", "unit": "bpsdm", "room": "aula",
                                   "lease_start": "2026-02-01"})
         assert r.status_code == 200 and r.json()["unit"] == "bpsdm"
+        r = b.post("/api/loans/9999:0001:NEW/return", {"returned_at": "2026-02-05T10:00:00+07:00"})
+        assert r.status_code == 200  # stored in UTC, as the classifier reads every time
+    assert c.store.query("SELECT returned_at FROM loans WHERE device = '9999:0001:NEW'")[0]["returned_at"] == \
+        "2026-02-05T03:00:00.000Z"
     entries = c.store.query("SELECT actor, action, detail FROM audit WHERE action LIKE 'loan.%' ORDER BY id")
     assert [(e["actor"], e["action"]) for e in entries] == [("ani", "loan.updated"), ("ani", "loan.updated"),
-                                                            ("ani", "loan.created")]
+                                                            ("ani", "loan.created"), ("ani", "loan.returned")]
     assert json.loads(entries[0]["detail"])["changed"] == {"note": [None, "lensa tergores"]}
 
     # the file changes: a loan nobody touched follows it, the one changed through the API is kept

@@ -48,6 +48,14 @@ def test_a_pic_naming_another_units_pc_or_device_gets_nothing_of_it(site: Site) 
     assert _get(site, ani, f"/api/devices/{quote(CAM['key'], safe='')}/history?agent=nope").status_code == 404
     assert _get(site, ani, f"/api/devices/{quote(SPK_B['key'], safe='')}?agent=room-1").status_code == 404
     assert _get(site, ani, f"/api/devices/{quote(SPK_B['key'], safe='')}?agent=aula-bpsdm").status_code == 200
+    # a device its PC only ever listed (attached since that PC started: inventory, no event) is that PC's
+    listed = device("2222:3333:INV1", "camera", "1-7")
+    feed(site.collector, Agent("room-inv", "bootinv00001").started(devices=[listed]))
+    for path in ("", "/history"):
+        r = _get(site, ani, f"/api/devices/{quote(listed['key'], safe='')}{path}?agent=room-inv")
+        assert r.status_code == 200, (path, r.text)
+    assert _get(site, ani, f"/api/devices/{quote(listed['key'], safe='')}?agent=room-inv").json()["info"]["port"] == \
+        "1-7"
     # naming the other unit's PC is refused outright
     assert _get(site, budi, f"/api/devices/{quote(SPK_B['key'], safe='')}?agent=aula-bpsdm").status_code == 404
     assert _get(site, citra, f"/api/devices/{quote(CAM['key'], safe='')}?agent=room-1").status_code == 404

@@ -106,7 +106,8 @@ def _documented(app: FastAPI) -> dict[str, Any]:
                                 "session": {"type": "apiKey", "in": "cookie", "name": auth.SESSION_COOKIE}}
     doc["security"] = [{"bearer": []}, {"session": []}]
     for path, ops in doc.get("paths", {}).items():
-        public = path in auth.PUBLIC_PATHS or path.startswith(auth.PUBLIC_PREFIXES) or path == "/metrics"
+        public = (path in auth.PUBLIC_PATHS or path.startswith(auth.PUBLIC_PREFIXES)
+                  or (path == "/metrics" and not app.state.pantau.settings.metrics_require_token))
         for method, op in ops.items():
             answers = op.setdefault("responses", {})
             answers.pop("422", None)

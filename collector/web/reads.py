@@ -31,7 +31,7 @@ from collector.policy import (
 from collector.registry import lookup
 from collector.web.auth import Identity, Reading, resolve, state_of
 from collector.web.views import SafeJSONResponse, WebState, sees_unit
-from common.protocol import ERROR_CODES, format_epoch
+from common.protocol import DEVICE_KINDS, ERROR_CODES, format_epoch
 
 router = APIRouter()
 Limit = Query(queries.DEFAULT_LIMIT, ge=1, le=queries.MAX_LIMIT)
@@ -123,7 +123,7 @@ def rooms_now(request: Request, ident: Reading, unit: str | None = None, q: str 
               offset: int = Offset) -> Response:
     started = time.perf_counter()
     st = state_of(request)
-    kind = _one_of("kind", kind, DEVICE_KIND_NAMES["en"])
+    kind = _one_of("kind", kind, DEVICE_KINDS)
     rooms = _rooms(st, _scope(ident, unit))
     try:
         rows = fleet.sort_rooms([r for r in rooms if fleet.room_matches(r, q, status, kind, model)], sort, order)
@@ -217,7 +217,7 @@ def _device_place(st: WebState, ident: Identity, key: str, agent: str | None) ->
     for a device nobody saw or lent, a PC of another unit, or a PC that neither saw the device nor has it
     lent to its room."""
     if agent and (not sees_unit(ident.user, queries.unit_of_agent(st.reader, agent))
-                  or (agent not in queries.device_agents(st.reader, key)
+                  or (queries.device_info(st.reader, key, agent) is None  # its inventory, or its own evidence
                       and not queries.lent_to_room_of(st.reader, key, agent))):
         raise HTTPException(404, f"no device {key}")
     places = _device_places(st, ident, key)
