@@ -62,6 +62,7 @@ class Inbound:
     refused: tuple[str, str] | None = None
     checked: bool = False
     facts: Facts | None = None  # a checked telemetry message, read already (``telemetry_facts``)
+    retained: bool = False  # the broker's retained copy, delivered again at every subscription
 
 
 @dataclass(slots=True)
@@ -386,6 +387,12 @@ class Ingestor:
         self.last_failure = None
 
     def _reject(self, db: sqlite3.Connection, b: _Batch, item: Inbound, exc: ProtocolError) -> None:
+        if item.retained and db.execute(
+                "SELECT 1 FROM dead_letter WHERE topic = ? AND reason = ? AND payload = ? LIMIT 1",
+                (item.topic[:512].encode("utf-8", "replace").decode(), exc.reason,
+                 bytes(item.payload[:4096]))).fetchone():
+            b.duplicates += 1  # a retained message refused before, delivered again with a new subscription
+            return
         b.rejected[exc.reason] += 1
         db.execute("INSERT INTO dead_letter (received_at, topic, reason, detail, payload) VALUES (?,?,?,?,?)",
                    (format_epoch(item.received_at), item.topic[:512].encode("utf-8", "replace").decode(),

@@ -109,7 +109,7 @@ class Receiver:
             self.topics = []  # the session's subscriptions are the broker's
         self.last_message = time.monotonic()
         self._lock = threading.Lock()
-        self._items: list[tuple[str, bytes, float, tuple[str, str] | None, Facts | None]] = []
+        self._items: list[tuple[str, bytes, float, tuple[str, str] | None, Facts | None, bool]] = []
         self._acks: list[tuple[int, int, int]] = []
         self._first = 0.0
         self._inflight: dict[int, list[tuple[int, int, int]]] = {}
@@ -183,7 +183,7 @@ class Receiver:
         with self._lock:
             if not self._items:
                 self._first = time.monotonic()
-            self._items.append((topic, payload, rx, why, facts))
+            self._items.append((topic, payload, rx, why, facts, bool(msg.retain)))
             self._acks.append((msg.mid, msg.qos, generation))
             if len(self._items) >= BATCH:
                 self._flush()

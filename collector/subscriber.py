@@ -30,7 +30,7 @@ from common.protocol import subscription_for
 log = logging.getLogger(__name__)
 
 # (topic, payload, received_at wall clock, mid, qos, connection generation, arrival monotonic)
-_Item = tuple[str, bytes, float, int, int, int, float]
+_Item = tuple[str, bytes, float, int, int, int, float, bool]  # ..., retained
 
 
 def describe(exc: BaseException) -> str:
@@ -137,7 +137,8 @@ class Subscriber(BatchStoring):
 
     def _on_message(self, msg: mqtt.MQTTMessage, generation: int) -> None:
         self.received += 1
-        self.q.put((msg.topic, bytes(msg.payload), time.time(), msg.mid, msg.qos, generation, time.monotonic()))
+        self.q.put((msg.topic, bytes(msg.payload), time.time(), msg.mid, msg.qos, generation, time.monotonic(),
+                    bool(msg.retain)))
 
     # ------------------------------------------------------------------ ingest side (worker thread)
     def _take(self) -> list[_Item] | None:
@@ -164,7 +165,7 @@ class Subscriber(BatchStoring):
             try:
                 if not self._store(items):
                     return  # stopping: unacknowledged QoS 1 messages come back on the next session
-                for _, _, _, mid, qos, generation, _ in items:
+                for _, _, _, mid, qos, generation, _, _ in items:
                     if qos > 0:
                         if self.mqtt.ack(mid, qos, generation):
                             self.acked += 1
@@ -174,7 +175,8 @@ class Subscriber(BatchStoring):
                 self._in_hand, self._oldest_in_hand = 0, None
 
     def _store(self, items: list[_Item]) -> bool:
-        return self._store_batch([Inbound(t, p, r, from_broker=True) for t, p, r, *_ in items])
+        return self._store_batch([Inbound(t, p, r, from_broker=True, retained=retained)
+                                  for t, p, r, _, _, _, _, retained in items])
 
     # ------------------------------------------------------------------ health and numbers
     @property

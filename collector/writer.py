@@ -123,8 +123,9 @@ class Writer(BatchStoring):
             if got is None:
                 self._quiet()
                 continue
-            items = [Inbound(t, p, rx, from_broker=True, refused=why, checked=why is None, facts=facts)
-                     for _, _, batch, _ in got for t, p, rx, why, facts in batch]
+            items = [Inbound(t, p, rx, from_broker=True, refused=why, checked=why is None, facts=facts,
+                             retained=retained)
+                     for _, _, batch, _ in got for t, p, rx, why, facts, retained in batch]
             if not self._store_batch(items):
                 return
             self.received += len(items)

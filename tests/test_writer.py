@@ -116,3 +116,30 @@ def test_health_names_a_receiver_whose_client_id_another_process_keeps_taking(tm
         impostor.loop_stop()
         impostor.disconnect()
         proc.term()
+
+
+@pytest.mark.parametrize("receivers", ["2", "0"])
+def test_retained_garbage_is_dead_lettered_once_not_at_every_subscription(tmp_path: Path, mosquitto: Mosquitto,
+                                                                          receivers: str) -> None:
+    from tests.procs import db_rows, start_collector
+
+    pub = publisher(mosquitto.port)
+    pub.publish("pantau/v1/agents/ret-1/state", b"{not json", qos=1, retain=True).wait_for_publish(10)
+    pub.publish("pantau/v1/agents/ret-1/inventory", b'{"v": 1}', qos=1, retain=True).wait_for_publish(10)
+    db = tmp_path / "collector.sqlite"
+    try:
+        for start in range(3):  # each start subscribes afresh: the broker delivers its retained copies again
+            proc, _ = start_collector(tmp_path, mosquitto.url, name=f"c{start}", PANTAU_RECEIVERS=receivers)
+            try:
+                need = 2 * (start + 1)
+                wait_until(lambda need=need: (db_rows(db, "SELECT value FROM counters WHERE name = 'received'")
+                                              or [(0,)])[0][0] >= need, 30, what="both retained copies")
+            finally:
+                proc.term()
+        assert sorted(db_rows(db, "SELECT reason FROM dead_letter")) == [("bad_json",), ("missing_member",)]
+        counts = dict(db_rows(db, "SELECT name, value FROM counters"))
+        assert counts["received"] == 6 and counts["duplicates"] == 4, counts
+        assert counts["rejected:bad_json"] == counts["rejected:missing_member"] == 1, counts
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
