@@ -399,6 +399,13 @@ class Connector:
                 if self.connected.is_set():  # paho closed the socket without telling on_disconnect
                     self._paho_disconnect(c, None, None, f"network error {rc}", None)
                     self._dispatch()
+                elif not self._answered and self._refused is None:  # closed before any CONNACK: say so
+                    b = self.opts.broker
+                    self.last_error = (f"broker {b.host}:{b.port} closed the connection before answering the MQTT "
+                                       f"CONNECT ({mqtt.error_string(rc)}): "
+                                       + ("is it a plain listener? (mqtts:// speaks TLS)" if b.tls else
+                                          "is it a TLS listener? use mqtts://"))
+                    log.warning("%s", self.last_error)
                 return "refused" if self._refused is not None else "lost"
             if not self._answered:
                 if time.monotonic() - started > self.opts.connack_timeout_s:

@@ -103,6 +103,18 @@ def test_descriptor_strings_and_numbers_read_back_as_a_device_reports_them(tmp_p
     assert (spk["speed"], spk["max_speed"]) == ("super", "super")
 
 
+def test_two_devices_reporting_one_serial_are_told_apart_by_their_port(tmp_path: Path) -> None:
+    """Two of one model with one serial (cheap devices often do) made a fake move at every look: the
+    first one 'detached' and the other 'attached on another port' — a handling mark."""
+    room = Room(tmp_path, {**CAMERA, "port": "1-4"})
+    twin = {**CAMERA, "port": "1-2"}
+    ev = room.set({**CAMERA, "port": "1-4"}, twin)  # the one already there keeps its key, the newcomer its port's
+    assert kinds(ev) == [("device.attached", "046d:0843@1-2")]
+    assert room.set({**CAMERA, "port": "1-4"}, twin) == []  # and nothing moves while both stay
+    assert kinds(room.set(twin)) == [("device.detached", "046d:0843:A1B2C3D4")]  # the first one goes...
+    assert kinds(room.set(twin)) == []  # ...and the other, keyed by its port, stays as it is
+
+
 def test_hung_device_keeps_its_identity(tmp_path: Path) -> None:
     bus = tmp_path / "bus.json"
     write_bus(bus, CAMERA)

@@ -293,3 +293,16 @@ def test_resolved_audio_line_becomes_an_error_of_that_device(tmp_path: Path) -> 
     assert [(e["type"], e["device"]["key"], e["error"]["code"], e["error"]["count"]) for e in events] == [
         ("device.error", "0d8c:000c@4-1.4", "audio.stream_error", 2)]
 
+
+
+def test_a_very_long_line_is_cut_before_any_pattern_runs() -> None:
+    """One 108 KB line stalled the agent's loop for 22 s (the patterns' time grew with the square of it)."""
+    import time
+
+    from agent.signals.kmsg import parse_line
+
+    t0 = time.perf_counter()
+    assert parse_line("[ 1.0] " + "usb 1-2: " * 12_000) is None
+    sig = parse_line("[ 2.0] usb 1-2: device descriptor read/64, error -71" + " x" * 100_000)
+    assert time.perf_counter() - t0 < 1.0
+    assert sig is not None and sig.code == "usb.enumeration_failed" and sig.port == "1-2"

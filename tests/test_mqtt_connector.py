@@ -293,3 +293,39 @@ def test_a_shared_subscription_on_a_311_broker_is_reported_not_silent(store: Sql
         assert "needs MQTT 5" in reasons[0] and fb.subscriptions == []
     finally:
         sub.stop()
+
+
+def test_a_listener_that_closes_before_answering_is_named(running: list[Connector]) -> None:
+    """A plain mqtt:// URL pointed at a TLS-only listener: the broker drops the connection unanswered. That
+    went on for ever without a word; now last_error (and the log) says what it likely is."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+    stop = threading.Event()
+
+    def drop_all() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            conn.recv(64)  # the CONNECT arrives; a TLS listener finds no handshake in it and closes
+            conn.close()
+
+    t = threading.Thread(target=drop_all, daemon=True)
+    t.start()
+    try:
+        c = go(Connector(MqttOptions(broker=parse_broker(f"mqtt://127.0.0.1:{port}"), client_id="c1",
+                                     version="3.1.1", reconnect_base_s=0.05, reconnect_max_s=0.2)), running)
+        wait_until(lambda: "closed the connection before answering" in (c.last_error or ""), 10,
+                   what="the refusal named")
+        assert "TLS listener" in (c.last_error or "")
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()

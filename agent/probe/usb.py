@@ -168,6 +168,8 @@ class Prober:
         self.backend = backend
         self.sysfs_root = sysfs_root
         self._known: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._key_port: dict[str, str] = {}  # key -> the port it was last seen on (twins with one serial)
+        self._by_port: set[tuple[str, str, str]] = set()  # (port, vid, pid) keyed by port: a twin's
         self.failures: dict[str, int] = {}
 
     def probe(self) -> list[dict[str, Any]]:
@@ -191,6 +193,30 @@ class Prober:
             elif d["serial"] or known is None:
                 self._known[ident] = d
             out.append(d)
+        return self._unique_keys(out)
+
+    def _unique_keys(self, devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Devices of one model reporting one serial (cheap ones often do): the one on the port that key was
+        last seen on keeps it, the others are keyed ``vid:pid@port`` as devices without a serial, and keep
+        that key for as long as they stay on that port — so neither looks like the other moving ports, and
+        no key changes under a device that stays put."""
+        by_key: dict[str, list[dict[str, Any]]] = {}
+        for d in devices:
+            by_key.setdefault(d["key"], []).append(d)
+        out = []
+        for d in devices:
+            slot = (d["port"], d["vid"], d["pid"])
+            twins = by_key[d["key"]]
+            if slot not in self._by_port and len(twins) > 1:
+                last = self._key_port.get(d["key"])
+                keeper = next((t for t in twins if t["port"] == last), min(twins, key=lambda t: t["port"]))
+                if d is not keeper:
+                    self._by_port.add(slot)
+            if slot in self._by_port:
+                d = {**d, "key": device_key(d["vid"], d["pid"], None, d["port"])}
+            out.append(d)
+        self._by_port &= {(d["port"], d["vid"], d["pid"]) for d in devices}  # gone from its port: forgotten
+        self._key_port.update({d["key"]: d["port"] for d in out})
         return out
 
 

@@ -141,8 +141,11 @@ def _timeout_code(code: str, errno: int | None) -> str:
     return code
 
 
+MAX_LINE = 2048  # the kernel's own lines are shorter; a longer one is cut before any pattern runs on it
+
+
 def parse_line(line: str, line_no: int = 0) -> Signal | None:
-    msg = message_of(line)
+    msg = message_of(line[:MAX_LINE])
     if not msg:
         return None
     for rx, code in _RULES:
