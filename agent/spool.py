@@ -48,6 +48,29 @@ class _Held:
     token: str | None
 
 
+def _open(path: str, exclusive: bool) -> sqlite3.Connection:
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        if exclusive:  # WAL without the -shm file (its index in this process's memory)
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS outbox (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL,
+                qos INTEGER NOT NULL, retain INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS tokens (token TEXT PRIMARY KEY);
+            """
+        )
+        db.execute("SELECT count(*) FROM outbox").fetchone()
+    except sqlite3.Error:
+        db.close()
+        raise
+    return db
+
+
 class Outbox:
     def __init__(self, path: str, max_events: int = 100_000, max_bytes: int = 100 * 1024 * 1024,
                  mem_max_events: int | None = None, mem_max_bytes: int | None = None) -> None:
@@ -58,18 +81,18 @@ class Outbox:
         self.mem_max_events = mem_max_events or min(max_events, 10_000)
         self.mem_max_bytes = mem_max_bytes or min(max_bytes, 16 * 1024 * 1024)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS outbox (
-                id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL,
-                qos INTEGER NOT NULL, retain INTEGER NOT NULL);
-            CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
-            CREATE TABLE IF NOT EXISTS tokens (token TEXT PRIMARY KEY);
-            """
-        )
+        self.disk_error: str | None = None
+        try:
+            self._db = _open(path, exclusive=False)
+        except sqlite3.Error as exc:  # a full disk: WAL's shared-memory file cannot be made
+            log.warning("outbox %s: %s; opened without its shared-memory file (exclusive locking)", path, exc)
+            try:
+                self._db = _open(path, exclusive=True)
+            except sqlite3.Error as exc2:  # not even that (a first start on a full disk): memory, not a stop
+                self.disk_error = f"the outbox {path} cannot be opened: {exc2}"
+                log.error("%s; events are kept in memory only, until the agent is started with room on its "
+                          "disk (they are lost if it stops before)", self.disk_error)
+                self._db = _open(":memory:", exclusive=False)
         row = self._db.execute(
             "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox WHERE retain = 0").fetchone()
         self._count, self._bytes = int(row[0]), int(row[1])  # events on disk: what the bound applies to
@@ -80,7 +103,6 @@ class Outbox:
         self._held_dropped = 0  # drops from memory not yet counted on disk
         self._acked_tokens: set[str] = set()  # tokens of held rows delivered before reaching the disk
         self._undeleted: set[int] = set()  # acknowledged rows whose DELETE the disk refused
-        self.disk_error: str | None = None
 
     # ------------------------------------------------------------------ writing
     def put(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, keep: bool = False,

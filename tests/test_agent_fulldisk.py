@@ -56,3 +56,27 @@ def test_full_disk_loses_no_detach_and_counts_what_it_dropped(tmp_path: Path, mo
     [online] = [s for s in rec.of("state") if s.get("state") == "online" and s.get("spool_dropped")][-1:]
     assert online["spool_dropped"] == 4
     assert tel[-1]["spool"]["dropped_total"] == 4
+
+
+def test_an_agent_starts_on_a_full_disk_and_reports(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """A room PC whose disk filled while the agent was stopped: the agent starts (it stopped at start with
+    a traceback: WAL's shared-memory file could not be made), and an unplug still reaches the broker."""
+    bus = tmp_path / "bus.json"
+    write_bus(bus, CAMERA, SPEAKER)
+    with small_fs("1m") as fs:
+        rec = Recorder(mosquitto.port)
+        try:
+            first = start_agent(tmp_path, mosquitto.url, PANTAU_STATE_DIR=str(fs / "state"))
+            wait_until(lambda: rec.events("agent.started"), 20, what="the first start")
+            assert first.term() == 0, first.log()
+            fill(fs)
+            agent = start_agent(tmp_path, mosquitto.url, PANTAU_STATE_DIR=str(fs / "state"))
+            try:
+                wait_until(lambda: len(rec.events("agent.started")) == 2, 20, what="the start on a full disk")
+                write_bus(bus, SPEAKER)
+                wait_until(lambda: rec.events("device.detached"), 20, what="the unplug")
+                assert agent.p.poll() is None, agent.log()
+            finally:
+                assert agent.term() == 0, agent.log()
+        finally:
+            rec.close()
