@@ -122,9 +122,9 @@ class Outbox:
         with self._lock:
             if self._undeleted:
                 self._delete_undeleted()
-            if self._held:
+            if self._held or self._held_dropped:  # a drop count waits for the disk too
                 self._flush()
-            return not self._held and not self._undeleted
+            return not self._held and not self._undeleted and not self._held_dropped
 
     def _flush(self) -> None:
         """Write every held row to disk in one transaction, or keep them all (bounded) in memory."""
@@ -202,9 +202,9 @@ class Outbox:
             if (len(events) <= self.mem_max_events
                     and sum(len(h.row.payload) for h in events) <= self.mem_max_bytes):
                 return
-            victim = next((h for h in events if not h.keep and h is not self._held[-1]), None)
+            victim = next((h for h in events if not h.keep and h is not events[-1]), None)
             if victim is None:
-                return  # only kept events (or the newest) left: they stay
+                return  # only kept events (or the newest event: a retained state is none) left: they stay
             self._held.remove(victim)
             self._held_dropped += 1
             log.warning("outbox %s: memory bound reached while the disk refuses writes; dropped one event "

@@ -120,3 +120,29 @@ def test_tokens_say_when_a_message_is_safely_queued(tmp_path: Path) -> None:
         rid = ob.put("a/events", b"report", token="r3")
         assert ob.token_state("r3") == "queued"
         ob.close()
+
+
+def test_a_retained_state_does_not_take_the_newest_events_place_and_a_lone_drop_count_reaches_the_disk(
+        tmp_path: Path) -> None:
+    """Found by running the agent on a full disk with the broker away: the newest attach was dropped because a
+    retained state came after it, and a drop count with nothing else waiting never reached the disk."""
+    from tests.fullfs import fill, small_fs
+
+    with small_fs("1m") as fs:
+        ob = Outbox(str(fs / "o.sqlite"), mem_max_events=2)
+        filler = fill(fs)
+        ob.put("a/events", b"attach-0")
+        ob.put("a/events", b"detach-1", keep=True)
+        ob.put("a/events", b"detach-2", keep=True)
+        ob.put("a/events", b"attach-3")  # the newest event: kept (attach-0 goes)
+        ob.put("a/state", b"online", retain=True)  # a reconnect queues the retained state after it
+        assert [r.payload for r in ob.pending()] == [b"detach-1", b"detach-2", b"attach-3", b"online"]
+        assert ob.dropped_total == 1
+        for r in ob.pending():  # all delivered from memory: only the count waits
+            ob.ack(r.id)
+        filler.unlink()
+        assert ob.retry() is True
+        ob.close()
+        again = Outbox(str(fs / "o.sqlite"))
+        assert again.dropped_total == 1 and again.pending() == []
+        again.close()
