@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 UNSUPPORTED_PROTOCOL = (1, 132)  # 3.1.1 "unacceptable protocol version", MQTT 5 "unsupported protocol version"
 SESSION_TAKEN_OVER = 142
+SHORT_LIVED_S, SHORT_LIVED_WARN = 5.0, 3  # connections ended by the broker this soon, this often in a row
 MAX_INFLIGHT = 65_000  # paho's message ids collide past 65,535 unacknowledged messages
 VERSIONS = ("auto", "5", "3.1.1")
 
@@ -155,6 +156,8 @@ class Connector:
         self.disconnects = 0
         self.taken_over = 0  # disconnects because another connection used this client id (MQTT 5)
         self.last_taken_over: float | None = None  # monotonic
+        self.short_lived = 0  # connections in a row the broker ended within SHORT_LIVED_S
+        self._up_at = 0.0  # when the current connection came up (monotonic)
         self.last_error: str | None = None
         self.down_since: float | None = time.monotonic()  # not connected since (monotonic); None when connected
         self._refused: int | None = None  # reason code of a refused CONNACK in this attempt
@@ -203,6 +206,7 @@ class Connector:
             return
         self.generation += 1
         self.connects += 1
+        self._up_at = time.monotonic()
         self.ever_connected = True
         self.last_error = None
         self.down_since = None
@@ -324,7 +328,11 @@ class Connector:
             outcome = self._serve()
             self._dispatch()
             if self.generation != generation:
-                delays = backoff_delays(self.opts.reconnect_max_s, self.opts.reconnect_base_s)
+                if outcome == "lost" and time.monotonic() - self._up_at < SHORT_LIVED_S:
+                    self._short_lived()  # the back-off goes on growing: two clients would take turns for ever
+                else:
+                    self.short_lived = 0
+                    delays = backoff_delays(self.opts.reconnect_max_s, self.opts.reconnect_base_s)
             if outcome == "stopped":
                 break
             if self._should_fall_back(outcome):
@@ -332,6 +340,15 @@ class Connector:
                 continue
             self._stop.wait(next(delays))
         self._close()
+
+    def _short_lived(self) -> None:
+        self.short_lived += 1
+        if self.short_lived == SHORT_LIVED_WARN:
+            b = self.opts.broker
+            self.last_error = (f"broker {b.host}:{b.port} ended {SHORT_LIVED_WARN} connections in a row within "
+                               f"{SHORT_LIVED_S:g} s of their start: is another client using client id "
+                               f"{self.opts.client_id!r} (two agents with one agent_id, or a process left running)?")
+            log.warning("%s", self.last_error)
 
     def _should_fall_back(self, outcome: str) -> bool:
         if not self._may_fall_back or self.ever_connected or self.protocol != mqtt.MQTTv5:

@@ -7,6 +7,7 @@ The store is a real SQLite file; "disk full" is SQLite's own error from a capped
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -329,3 +330,21 @@ def test_a_listener_that_closes_before_answering_is_named(running: list[Connecto
         stop.set()
         t.join(5)
         srv.close()
+
+
+@pytest.mark.broker
+def test_two_clients_with_one_id_are_named_and_back_off(mosquitto: Any, running: list[Connector],
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Two agents with one agent_id took each other's connection about every second for ever, each logging
+    only "disconnected" (Mosquitto 2.0 gives 3.1.1 clients no reason). Now each says what is likely going on,
+    and its back-off keeps growing instead of starting afresh after every short connection."""
+    opts = MqttOptions(broker=parse_broker(mosquitto.url), client_id="pantau-agent-twin", version="3.1.1",
+                       reconnect_base_s=0.05, reconnect_max_s=2.0)
+    caplog.set_level(logging.WARNING, logger="common.mqtt")
+    a, b = go(Connector(opts), running), go(Connector(opts), running)
+    wait_until(lambda: max(a.short_lived, b.short_lived) >= 3, 30, what="three short connections in a row")
+    wait_until(lambda: "another client using client id 'pantau-agent-twin'" in caplog.text, 5, what="the warning")
+    drops = a.disconnects + b.disconnects
+    time.sleep(4)
+    # backing off towards reconnect_max_s (2 s): a few take-overs in 4 s, not one every 50 ms (~80 without it)
+    assert a.disconnects + b.disconnects - drops <= 10
