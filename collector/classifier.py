@@ -203,11 +203,12 @@ class Classifier:
         with self.lock:
             self._last_classify = time.monotonic()
             dirty, self._dirty = self._dirty, set()
-            for n, agent in enumerate(sorted(dirty)):
+            order = sorted(dirty)
+            for n, agent in enumerate(order):
                 try:
                     self.classify(agent)
                 except LostLead:  # another collector classifies now: this one stops before its next write
-                    self._dirty |= set(sorted(dirty)[n:])
+                    self._dirty |= set(order[n:])
                     log.info("not recording decisions: this collector no longer holds the lead")
                     return
                 except Exception as exc:  # one agent's failure must not stop the others' decisions

@@ -387,16 +387,16 @@ class Ingestor:
         self.last_failure = None
 
     def _reject(self, db: sqlite3.Connection, b: _Batch, item: Inbound, exc: ProtocolError) -> None:
+        topic, payload = item.topic[:512].encode("utf-8", "replace").decode(), bytes(item.payload[:4096])
         if item.retained and db.execute(
                 "SELECT 1 FROM dead_letter WHERE topic = ? AND reason = ? AND payload = ? LIMIT 1",
-                (item.topic[:512].encode("utf-8", "replace").decode(), exc.reason,
-                 bytes(item.payload[:4096]))).fetchone():
+                (topic, exc.reason, payload)).fetchone():
             b.duplicates += 1  # a retained message refused before, delivered again with a new subscription
             return
         b.rejected[exc.reason] += 1
         db.execute("INSERT INTO dead_letter (received_at, topic, reason, detail, payload) VALUES (?,?,?,?,?)",
-                   (format_epoch(item.received_at), item.topic[:512].encode("utf-8", "replace").decode(),
-                    exc.reason, exc.detail[:512].encode("utf-8", "replace").decode(), bytes(item.payload[:4096])))
+                   (format_epoch(item.received_at), topic, exc.reason,
+                    exc.detail[:512].encode("utf-8", "replace").decode(), payload))
         now = time.monotonic()
         if now - self._log_gate.get(exc.reason, -1e9) >= 60:
             self._log_gate[exc.reason] = now

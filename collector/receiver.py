@@ -73,7 +73,7 @@ class _Pipe:
                 # left running they would take the restarted collector's client ids from it, again and again.
                 # What is unacknowledged comes back on the next session.
                 self.closed.set()
-                for r in [*self.owners.values(), *self.members]:
+                for r in self.members:  # (every receiver of the process, so every owner of a batch)
                     r._stop.set()
                 return
             with self.lock:
