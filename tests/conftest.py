@@ -195,15 +195,25 @@ def browser() -> Iterator[Any]:
         b.close()
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Any]:
-    """The dashboard on a free port with tests.web_helpers.Site's fleet and accounts."""
+def _site(tmp_path: Path, db: str | None) -> Iterator[Any]:
     from tests.web_helpers import Site
 
-    s = Site(tmp_path)
+    s = Site(tmp_path, db)
     yield s
     s.web.stop()
     s.store.close()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Any]:
+    """The dashboard on a free port with tests.web_helpers.Site's fleet and accounts (SQLite)."""
+    yield from _site(tmp_path, None)
+
+
+@pytest.fixture
+def site_on_each_store(tmp_path: Path, store_db: str) -> Iterator[Any]:
+    """``site`` on each store: a real SQLite file and a real PostgreSQL database."""
+    yield from _site(tmp_path, store_db)
 
 
 @pytest.fixture

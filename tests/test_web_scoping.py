@@ -3,8 +3,6 @@ stores."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -16,12 +14,8 @@ from tests.web_helpers import SPK_B, Site, token_for
 
 
 @pytest.fixture
-def site(tmp_path: Path, store_db: str) -> Iterator[Site]:
-    """The dashboard's site (``tests.web_helpers.Site``) on each store."""
-    s = Site(tmp_path, store_db)
-    yield s
-    s.web.stop()
-    s.store.close()
+def site(site_on_each_store: Site) -> Site:
+    return site_on_each_store  # (conftest): every test here on both stores
 
 
 def _get(site: Any, token: str, path: str) -> httpx.Response:
